@@ -1,0 +1,223 @@
+//! `libtriton_rust.so`: a Triton Inference Server backend that serves transformer text
+//! models through ONNX Runtime, with tokenization and pre/post-processing in Rust.
+//!
+//! Select it with `backend: "rust"` in `config.pbtxt`. This file holds only the
+//! `TRITONBACKEND_*` entry points: each one catches panics (a panic must never cross the
+//! FFI boundary) and turns errors into `TRITONSERVER_Error`s for Triton.
+
+pub mod bytes_tensor;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod onnx;
+pub mod pipeline;
+pub mod postprocess;
+pub mod tokenize;
+pub mod triton;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
+
+use triton_sys as sys;
+
+use crate::model::{BackendState, InstanceState, ModelState};
+use crate::triton::{BackendHandle, Error, InstanceHandle, ModelHandle, Request};
+
+/// Routes panic messages to the Triton log (stderr stays as a fallback).
+fn install_panic_hook() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            log_error!("triton-rust: panic: {info}");
+            previous(info);
+        }));
+    });
+}
+
+/// Runs an entry point body, converting errors and panics into a Triton error.
+fn entry_point(
+    name: &str,
+    body: impl FnOnce() -> Result<(), Error>,
+) -> *mut sys::TRITONSERVER_Error {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => std::ptr::null_mut(),
+        Ok(Err(error)) => error.into_raw(),
+        Err(_) => {
+            Error::internal(format!("triton-rust: panic in {name}; see the server log")).into_raw()
+        }
+    }
+}
+
+/// # Safety
+/// Called by Triton with a live backend handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_Initialize(
+    backend: *mut sys::TRITONBACKEND_Backend,
+) -> *mut sys::TRITONSERVER_Error {
+    install_panic_hook();
+    entry_point("TRITONBACKEND_Initialize", || {
+        // SAFETY: Triton passes the live backend to this entry point.
+        let backend = unsafe { BackendHandle::from_raw(backend) }?;
+        let (major, minor) = triton::server_api_version()?;
+        let (built_major, built_minor) = triton::BUILT_API_VERSION;
+        log_info!(
+            "triton-rust: backend API version {major}.{minor} (built for {built_major}.{built_minor})"
+        );
+        if major != built_major || minor < built_minor {
+            return Err(Error::unsupported(format!(
+                "triton-rust needs Triton backend API {built_major}.{built_minor} or a newer \
+                 {built_major}.x; this server has {major}.{minor}"
+            )));
+        }
+        backend.set_state(Box::new(BackendState::new(backend)?))
+    })
+}
+
+/// # Safety
+/// Called by Triton with the live backend handle, after all models are finalized.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_Finalize(
+    backend: *mut sys::TRITONBACKEND_Backend,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_Finalize", || {
+        // SAFETY: Triton passes the live backend to this entry point.
+        let backend = unsafe { BackendHandle::from_raw(backend) }?;
+        // SAFETY: the state was set as BackendState in Initialize and is not used again.
+        drop(unsafe { backend.take_state::<BackendState>() }?);
+        Ok(())
+    })
+}
+
+/// # Safety
+/// Called by Triton with a live model handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
+    model: *mut sys::TRITONBACKEND_Model,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_ModelInitialize", || {
+        // SAFETY: Triton passes the live model to this entry point.
+        let model = unsafe { ModelHandle::from_raw(model) }?;
+        // SAFETY: the backend state was set as BackendState in Initialize and lives until
+        // Finalize, which runs after every model is finalized.
+        let backend = unsafe { model.backend()?.state::<BackendState>() }?;
+        let state = ModelState::new(model, backend).map_err(|error| {
+            let name = model.name().unwrap_or_default();
+            Error::new(error.code, format!("model '{name}': {}", error.message))
+        })?;
+        model.set_state(Box::new(state))
+    })
+}
+
+/// # Safety
+/// Called by Triton with a live model handle, after its instances are finalized.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelFinalize(
+    model: *mut sys::TRITONBACKEND_Model,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_ModelFinalize", || {
+        // SAFETY: Triton passes the live model to this entry point.
+        let model = unsafe { ModelHandle::from_raw(model) }?;
+        // SAFETY: the state was set as ModelState in ModelInitialize and is not used again.
+        if let Some(state) = unsafe { model.take_state::<ModelState>() }? {
+            log_info!(
+                "triton-rust: model '{}' version {} finalized",
+                state.name,
+                state.version
+            );
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// Called by Triton with a live model instance handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
+    instance: *mut sys::TRITONBACKEND_ModelInstance,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_ModelInstanceInitialize", || {
+        // SAFETY: Triton passes the live instance to this entry point.
+        let instance = unsafe { InstanceHandle::from_raw(instance) }?;
+        // SAFETY: the model state was set as ModelState in ModelInitialize and outlives
+        // its instances.
+        let model = unsafe { instance.model()?.state::<ModelState>() }?;
+        let state = InstanceState::new(instance, model).map_err(|error| {
+            let name = instance.name().unwrap_or_default();
+            Error::new(
+                error.code,
+                format!(
+                    "instance '{name}' of model '{}': {}",
+                    model.name, error.message
+                ),
+            )
+        })?;
+        instance.set_state(Box::new(state))
+    })
+}
+
+/// # Safety
+/// Called by Triton with a live model instance handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceFinalize(
+    instance: *mut sys::TRITONBACKEND_ModelInstance,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_ModelInstanceFinalize", || {
+        // SAFETY: Triton passes the live instance to this entry point.
+        let instance = unsafe { InstanceHandle::from_raw(instance) }?;
+        // SAFETY: the state was set as InstanceState and is not used again; dropping it
+        // releases the ONNX Runtime session.
+        if let Some(state) = unsafe { instance.take_state::<InstanceState>() }? {
+            log_info!("triton-rust: instance '{}' finalized", state.name);
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// Called by Triton with a live instance and `request_count` live requests, whose
+/// ownership passes to the backend.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
+    instance: *mut sys::TRITONBACKEND_ModelInstance,
+    requests: *mut *mut sys::TRITONBACKEND_Request,
+    request_count: u32,
+) -> *mut sys::TRITONSERVER_Error {
+    let raw_requests: &[*mut sys::TRITONBACKEND_Request] = if requests.is_null() {
+        &[]
+    } else {
+        // SAFETY: Triton passes an array of `request_count` request pointers.
+        unsafe { std::slice::from_raw_parts(requests, request_count as usize) }
+    };
+    // Take ownership of every request first: from here on each one is answered and
+    // released by its own `Request`/`Response` guards, even if something panics, so
+    // this function must not return an error.
+    let owned: Vec<Request> = raw_requests
+        .iter()
+        // SAFETY: each pointer is a distinct live request owned by us from now on.
+        .filter_map(|&raw| unsafe { Request::from_raw(raw) }.ok())
+        .collect();
+    let result = catch_unwind(AssertUnwindSafe(move || {
+        let states = (|| {
+            // SAFETY: Triton passes the live instance to this entry point.
+            let instance = unsafe { InstanceHandle::from_raw(instance) }?;
+            // SAFETY: Triton runs one execute at a time per instance, so the state is not
+            // aliased; it was set as InstanceState in ModelInstanceInitialize.
+            let state = unsafe { instance.state_mut::<InstanceState>() }?;
+            // SAFETY: the model state was set as ModelState and outlives its instances.
+            let model = unsafe { instance.model()?.state::<ModelState>() }?;
+            Ok::<_, Error>((instance, state, model))
+        })();
+        match states {
+            Ok((instance, state, model)) => model::execute(instance, state, model, owned),
+            Err(error) => {
+                log_error!("triton-rust: execute failed: {error}");
+                model::fail_all(owned, &error);
+            }
+        }
+    }));
+    if result.is_err() {
+        log_error!("triton-rust: panic in execute; its requests were answered with errors");
+    }
+    std::ptr::null_mut()
+}

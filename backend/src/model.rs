@@ -1,0 +1,297 @@
+//! One type per Triton concept: the backend, a model (config parsed once at load), and a
+//! model instance (one ONNX Runtime session). `execute` gathers the inputs of all
+//! requests into one batch, runs it, and answers each request on its own.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+
+use crate::config::{ModelConfig, ModelSettings};
+use crate::error::BackendError;
+use crate::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
+use crate::pipeline::{OutputTensor, Pipeline, PreparedRequest, SessionBinding};
+use crate::tokenize::TextEncoder;
+use crate::triton::{
+    BackendHandle, Error, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle, Request,
+    Response, now_ns,
+};
+use crate::{log_error, log_info};
+
+pub const MODEL_FILE: &str = "model.onnx";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Process-wide backend state: where ONNX Runtime comes from.
+pub struct BackendState {
+    pub onnxruntime: OnnxRuntimeLibrary,
+}
+
+impl BackendState {
+    pub fn new(backend: BackendHandle) -> Result<Self, Error> {
+        let config: serde_json::Value = serde_json::from_str(&backend.config_json()?)
+            .map_err(|e| Error::internal(format!("backend config is not JSON: {e}")))?;
+        let configured = config
+            .pointer("/cmdline/onnxruntime-library")
+            .and_then(serde_json::Value::as_str);
+        let env_path = std::env::var("ORT_DYLIB_PATH").ok();
+        let backend_dir = PathBuf::from(backend.artifacts_dir()?);
+        let onnxruntime =
+            OnnxRuntimeLibrary::resolve(configured, env_path.as_deref(), &backend_dir);
+        match &onnxruntime {
+            OnnxRuntimeLibrary::Found { path, .. } => {
+                log_info!("triton-rust: ONNX Runtime library: {}", path.display())
+            }
+            OnnxRuntimeLibrary::Missing(reason) => log_error!("triton-rust: {reason}"),
+        }
+        Ok(BackendState { onnxruntime })
+    }
+}
+
+/// A loaded model version: its settings, tokenizer and task logic, shared by instances.
+pub struct ModelState {
+    pub name: String,
+    pub version: u64,
+    settings: ModelSettings,
+    max_batch_size: i64,
+    model_path: PathBuf,
+    pipeline: Pipeline,
+    environment: ort::environment::Environment,
+}
+
+impl ModelState {
+    pub fn new(model: ModelHandle, backend: &BackendState) -> Result<Self, Error> {
+        let name = model.name()?;
+        let version = model.version()?;
+        let config = ModelConfig::from_json(&model.config_json()?)?;
+        let settings = ModelSettings::from_parameters(&config.parameters)?;
+        let version_dir = Path::new(&model.repository_path()?).join(version.to_string());
+        let model_path = version_dir.join(MODEL_FILE);
+        if !model_path.is_file() {
+            return Err(BackendError::ModelFile(format!(
+                "model file {} does not exist",
+                model_path.display()
+            ))
+            .into());
+        }
+        let text = TextEncoder::from_file(
+            &version_dir.join(TOKENIZER_FILE),
+            settings.max_sequence_length,
+            settings.pad_token.as_deref(),
+        )?;
+        let pipeline = Pipeline::new(&config, &settings, text)?;
+        let environment = onnx::environment(&backend.onnxruntime)?;
+        log_info!(
+            "triton-rust: model '{name}' version {version}: task {:?}, max batch size {}",
+            settings.task,
+            config.max_batch_size
+        );
+        Ok(ModelState {
+            name,
+            version,
+            settings,
+            max_batch_size: config.max_batch_size,
+            model_path,
+            pipeline,
+            environment,
+        })
+    }
+}
+
+/// One model instance: an ONNX Runtime session bound to the model's task.
+pub struct InstanceState {
+    pub name: String,
+    session: Session,
+    binding: SessionBinding,
+}
+
+impl InstanceState {
+    pub fn new(instance: InstanceHandle, model: &ModelState) -> Result<Self, Error> {
+        let name = instance.name()?;
+        let device = match instance.kind()? {
+            InstanceKind::Gpu { device_id } => Device::Cuda { device_id },
+            InstanceKind::Cpu | InstanceKind::Model { .. } | InstanceKind::Auto => Device::Cpu,
+        };
+        let options = SessionOptions {
+            intra_op_threads: model.settings.intra_op_threads,
+            inter_op_threads: model.settings.inter_op_threads,
+            device,
+        };
+        let session = onnx::load_session(&model.environment, &model.model_path, options)?;
+        let binding = model.pipeline.bind_session(&session)?;
+        log_info!(
+            "triton-rust: instance '{name}' of '{}' ready on {device:?}",
+            model.name
+        );
+        Ok(InstanceState {
+            name,
+            session,
+            binding,
+        })
+    }
+}
+
+/// A request on its way through one execution. Field order matters: the response is
+/// dropped (and so answered) before the request is released.
+struct Pending {
+    response: Option<Response>,
+    request: Request,
+}
+
+/// Reads a request's inputs and requested outputs into host memory.
+fn read_request(request: &Request, model: &ModelState) -> Result<PreparedRequest, Error> {
+    let mut inputs = HashMap::new();
+    for name in request.input_names()? {
+        let tensor = request.read_input(&name)?;
+        inputs.insert(name, tensor);
+    }
+    let wanted = request.requested_output_names()?;
+    Ok(model.pipeline.prepare(inputs, wanted)?)
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Executes one batch of requests. Never fails as a whole: every error is answered to
+/// the request that caused it (or to every request of the batch, if the batch failed).
+pub fn execute(
+    instance: InstanceHandle,
+    state: &mut InstanceState,
+    model: &ModelState,
+    requests: Vec<Request>,
+) {
+    let exec_start_ns = now_ns();
+    let mut batch: Vec<(Pending, PreparedRequest)> = Vec::with_capacity(requests.len());
+    let mut failed: Vec<(Pending, Error)> = Vec::new();
+    for request in requests {
+        let response = match Response::new(&request) {
+            Ok(response) => Some(response),
+            Err(error) => {
+                log_error!(
+                    "triton-rust: cannot create a response for '{}': {error}",
+                    request.id()
+                );
+                None
+            }
+        };
+        let pending = Pending { response, request };
+        let prepared = catch_unwind(AssertUnwindSafe(|| read_request(&pending.request, model)))
+            .unwrap_or_else(|panic| {
+                Err(Error::internal(format!(
+                    "panic while reading the request: {}",
+                    panic_message(&*panic)
+                )))
+            });
+        match prepared {
+            Ok(prepared) => batch.push((pending, prepared)),
+            Err(error) => failed.push((pending, error)),
+        }
+    }
+
+    let compute_start_ns = now_ns();
+    let prepared: Vec<PreparedRequest> = batch.iter().map(|(_, p)| p.clone()).collect();
+    let outcome = if prepared.is_empty() {
+        Ok(Vec::new())
+    } else {
+        catch_unwind(AssertUnwindSafe(|| {
+            model
+                .pipeline
+                .run(&mut state.session, &state.binding, &prepared)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(BackendError::Onnx(format!(
+                "panic while running the model: {}",
+                panic_message(&*panic)
+            )))
+        })
+    };
+    let compute_end_ns = now_ns();
+
+    let mut finished: Vec<(Pending, Result<Vec<OutputTensor>, Error>)> = Vec::new();
+    match outcome {
+        Ok(outputs) => {
+            for ((pending, _), outputs) in batch.into_iter().zip(outputs) {
+                finished.push((pending, Ok(outputs)));
+            }
+        }
+        Err(error) => {
+            let error = Error::from(error);
+            log_error!("triton-rust: '{}' execution failed: {error}", model.name);
+            for (pending, _) in batch {
+                finished.push((pending, Err(error.clone())));
+            }
+        }
+    }
+    let batch_size: u64 = if model.max_batch_size > 0 {
+        prepared.iter().map(|p| p.rows() as u64).sum()
+    } else {
+        prepared.len() as u64
+    };
+    finished.extend(
+        failed
+            .into_iter()
+            .map(|(pending, error)| (pending, Err(error))),
+    );
+
+    let answered: Vec<(Request, bool)> = finished
+        .into_iter()
+        .map(|(pending, result)| answer(pending, result))
+        .collect();
+    let times = ExecutionTimes {
+        exec_start_ns,
+        compute_start_ns,
+        compute_end_ns,
+        exec_end_ns: now_ns(),
+    };
+    for (request, success) in answered {
+        if let Err(error) = instance.report_request_statistics(&request, success, &times) {
+            log_error!("triton-rust: cannot report request statistics: {error}");
+        }
+        // Dropping the request releases it back to Triton.
+    }
+    if batch_size > 0
+        && let Err(error) = instance.report_batch_statistics(batch_size, &times)
+    {
+        log_error!("triton-rust: cannot report batch statistics: {error}");
+    }
+}
+
+/// Sends one request's outputs or error; returns the request and whether it succeeded.
+fn answer(pending: Pending, result: Result<Vec<OutputTensor>, Error>) -> (Request, bool) {
+    let Pending { response, request } = pending;
+    let Some(mut response) = response else {
+        return (request, false);
+    };
+    let written = result.and_then(|outputs| {
+        outputs.iter().try_for_each(|output| {
+            response.add_output(output.name, output.datatype, &output.shape, &output.data)
+        })
+    });
+    let success = written.is_ok();
+    match response.send(written.err()) {
+        Ok(()) => (request, success),
+        Err(error) => {
+            log_error!("triton-rust: cannot send a response: {error}");
+            (request, false)
+        }
+    }
+}
+
+/// Answers every request with `error` (when the instance itself is unusable).
+pub fn fail_all(requests: Vec<Request>, error: &Error) {
+    for request in requests {
+        match Response::new(&request) {
+            Ok(response) => {
+                if let Err(send_error) = response.send(Some(error.clone())) {
+                    log_error!("triton-rust: cannot send a response: {send_error}");
+                }
+            }
+            Err(new_error) => log_error!("triton-rust: cannot create a response: {new_error}"),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! ONNX Runtime: locating the shared library, the one process-wide environment, and
+//! sessions built with explicit threads and execution provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ort::environment::Environment;
+use ort::ep;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+use crate::error::BackendError;
+
+/// Where the ONNX Runtime library came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LibrarySource {
+    BackendConfig,
+    Environment,
+    BesideBackend,
+}
+
+impl LibrarySource {
+    fn describe(&self) -> &'static str {
+        match self {
+            LibrarySource::BackendConfig => "--backend-config=rust,onnxruntime-library",
+            LibrarySource::Environment => "ORT_DYLIB_PATH",
+            LibrarySource::BesideBackend => "the backend directory",
+        }
+    }
+}
+
+/// The ONNX Runtime library chosen at backend initialization, or why none was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnnxRuntimeLibrary {
+    Found {
+        path: PathBuf,
+        source: LibrarySource,
+    },
+    Missing(String),
+}
+
+impl OnnxRuntimeLibrary {
+    /// Resolves the library: the backend config setting, then `ORT_DYLIB_PATH`, then a
+    /// `libonnxruntime.so*` in the directory holding `libtriton_rust.so`.
+    pub fn resolve(configured: Option<&str>, env_path: Option<&str>, backend_dir: &Path) -> Self {
+        if let Some(path) = configured.filter(|p| !p.is_empty()) {
+            return OnnxRuntimeLibrary::Found {
+                path: PathBuf::from(path),
+                source: LibrarySource::BackendConfig,
+            };
+        }
+        if let Some(path) = env_path.filter(|p| !p.is_empty()) {
+            return OnnxRuntimeLibrary::Found {
+                path: PathBuf::from(path),
+                source: LibrarySource::Environment,
+            };
+        }
+        match find_beside(backend_dir) {
+            Some(path) => OnnxRuntimeLibrary::Found {
+                path,
+                source: LibrarySource::BesideBackend,
+            },
+            None => OnnxRuntimeLibrary::Missing(format!(
+                "no ONNX Runtime library: set --backend-config=rust,onnxruntime-library=PATH, \
+                 set ORT_DYLIB_PATH, or place libonnxruntime.so beside libtriton_rust.so in {}",
+                backend_dir.display()
+            )),
+        }
+    }
+}
+
+/// `libonnxruntime.so` if present, else the highest versioned `libonnxruntime.so.X.Y.Z`.
+fn find_beside(dir: &Path) -> Option<PathBuf> {
+    let exact = dir.join("libonnxruntime.so");
+    if exact.is_file() {
+        return Some(exact);
+    }
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file())
+        .filter_map(|path| {
+            let version = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("libonnxruntime.so.")?
+                .split('.')
+                .map(|part| part.parse::<u64>().ok())
+                .collect::<Option<Vec<u64>>>()?;
+            Some((version, path))
+        })
+        .max()
+        .map(|(_, path)| path)
+}
+
+/// ONNX Runtime allows one environment per process; it lives here from the first
+/// successful model load until the process exits. A failed load is not cached, so a
+/// later load can succeed once the library is fixed.
+static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
+
+/// The shared environment, loading the library on first use.
+pub fn environment(library: &OnnxRuntimeLibrary) -> Result<Environment, BackendError> {
+    let mut slot = ENVIRONMENT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(environment) = slot.as_ref() {
+        return Ok(environment.clone());
+    }
+    let (path, source) = match library {
+        OnnxRuntimeLibrary::Found { path, source } => (path, source),
+        OnnxRuntimeLibrary::Missing(reason) => return Err(BackendError::Onnx(reason.clone())),
+    };
+    let builder = ort::init_from(path).map_err(|e| {
+        BackendError::Onnx(format!(
+            "cannot load the ONNX Runtime library {} (from {}): {e}",
+            path.display(),
+            source.describe()
+        ))
+    })?;
+    let environment = builder.with_name("triton-rust").build().map_err(|e| {
+        BackendError::Onnx(format!("cannot create the ONNX Runtime environment: {e}"))
+    })?;
+    *slot = Some(environment.clone());
+    Ok(environment)
+}
+
+/// Where a session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda { device_id: i32 },
+}
+
+/// Options for one session (one model instance).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+    pub device: Device,
+}
+
+fn onnx_error(
+    context: &str,
+) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> BackendError + '_ {
+    move |e| BackendError::Onnx(format!("{context}: {e}"))
+}
+
+/// Builds a session for `model_path`. On CUDA, registering the execution provider must
+/// succeed: there is no silent fallback to CPU.
+pub fn load_session(
+    environment: &Environment,
+    model_path: &Path,
+    options: SessionOptions,
+) -> Result<Session, BackendError> {
+    if !model_path.is_file() {
+        return Err(BackendError::ModelFile(format!(
+            "model file {} does not exist",
+            model_path.display()
+        )));
+    }
+    let mut builder = Session::builder(environment)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(onnx_error("setting the optimization level"))?
+        .with_intra_threads(options.intra_op_threads)
+        .map_err(onnx_error("setting intra-op threads"))?
+        .with_inter_threads(options.inter_op_threads)
+        .map_err(onnx_error("setting inter-op threads"))?;
+    if let Device::Cuda { device_id } = options.device {
+        builder = builder
+            .with_execution_providers([ep::CUDA::default()
+                .with_device_id(device_id)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| {
+                BackendError::Unsupported(format!(
+                    "the CUDA execution provider could not be enabled on GPU {device_id}: {e}. \
+                     GPU instances need the CUDA build of ONNX Runtime (onnxruntime-gpu) and a \
+                     CUDA device; use KIND_CPU otherwise"
+                ))
+            })?;
+    }
+    builder
+        .commit_from_file(model_path)
+        .map_err(|e| BackendError::Onnx(format!("cannot load {}: {e}", model_path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_resolution_order() {
+        let dir = std::env::temp_dir().join(format!("triton-rust-ort-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let missing = OnnxRuntimeLibrary::resolve(None, None, &dir);
+        assert!(
+            matches!(missing, OnnxRuntimeLibrary::Missing(ref m) if m.contains("ORT_DYLIB_PATH"))
+        );
+
+        std::fs::write(dir.join("libonnxruntime.so.1.31.1"), b"").expect("write");
+        std::fs::write(dir.join("libonnxruntime.so.1.9.0"), b"").expect("write");
+        assert_eq!(
+            OnnxRuntimeLibrary::resolve(None, None, &dir),
+            OnnxRuntimeLibrary::Found {
+                path: dir.join("libonnxruntime.so.1.31.1"),
+                source: LibrarySource::BesideBackend
+            },
+            "the highest version wins when there is no plain libonnxruntime.so"
+        );
+        std::fs::write(dir.join("libonnxruntime.so"), b"").expect("write");
+        assert_eq!(
+            OnnxRuntimeLibrary::resolve(None, None, &dir),
+            OnnxRuntimeLibrary::Found {
+                path: dir.join("libonnxruntime.so"),
+                source: LibrarySource::BesideBackend
+            }
+        );
+        assert_eq!(
+            OnnxRuntimeLibrary::resolve(None, Some("/env/lib.so"), &dir),
+            OnnxRuntimeLibrary::Found {
+                path: "/env/lib.so".into(),
+                source: LibrarySource::Environment
+            }
+        );
+        assert_eq!(
+            OnnxRuntimeLibrary::resolve(Some("/cfg/lib.so"), Some("/env/lib.so"), &dir),
+            OnnxRuntimeLibrary::Found {
+                path: "/cfg/lib.so".into(),
+                source: LibrarySource::BackendConfig
+            }
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

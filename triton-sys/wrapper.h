@@ -1,0 +1,2 @@
+#include "triton/core/tritonbackend.h"
+#include "triton/core/tritonserver.h"
