@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use ndarray::{ArrayView2, ArrayView3};
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{Tensor, ValueType};
 
 use crate::bytes_tensor;
 use crate::config::{ModelConfig, ModelSettings, TaskKind};
@@ -258,6 +258,14 @@ impl Pipeline {
                 )));
             }
         };
+        if let (Some(labels), Some(classes)) = (&self.labels, static_last_dim(session, &output))
+            && labels.len() != classes
+        {
+            return Err(BackendError::Config(format!(
+                "parameter 'labels' names {} labels but the model outputs {classes}",
+                labels.len()
+            )));
+        }
         Ok(SessionBinding { inputs, output })
     }
 
@@ -569,6 +577,15 @@ fn split_encoder(
         results.push(outputs);
     }
     Ok(results)
+}
+
+/// The last dimension of a session output when the graph fixes it.
+fn static_last_dim(session: &Session, output: &str) -> Option<usize> {
+    let outlet = session.outputs().iter().find(|o| o.name() == output)?;
+    match outlet.dtype() {
+        ValueType::Tensor { shape, .. } => shape.last().and_then(|&d| usize::try_from(d).ok()),
+        _ => None,
+    }
 }
 
 /// Number of elements of a request shape; every dimension must be non-negative.
