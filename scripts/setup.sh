@@ -38,9 +38,12 @@ if [ ! -x "$PYTHON" ]; then
   say "creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$PYTHON" -c 'import tritonclient.http, tritonclient.grpc, pytest, numpy' >/dev/null 2>&1; then
+# Reinstall whenever tests/requirements.txt changes.
+requirements_stamp="$VENV/.requirements.sha256"
+if ! sha256sum --status -c "$requirements_stamp" 2>/dev/null; then
   say "installing Python test clients"
   "$PYTHON" -m pip install -q --disable-pip-version-check -r "$REPO_ROOT/tests/requirements.txt"
+  sha256sum "$REPO_ROOT/tests/requirements.txt" >"$requirements_stamp"
 fi
 
 # Unpacks one file-bearing wheel into a directory (a wheel is a zip file).
@@ -64,6 +67,9 @@ fetch_wheel "onnxruntime==$ONNXRUNTIME_VERSION" "$DEPS/onnxruntime" "onnxruntime
 say "building libtriton_rust.so (release)"
 cargo build --release --locked -p triton-rust-backend
 mkdir -p "$BACKEND_DIR/rust"
-cp -f target/release/libtriton_rust.so "$BACKEND_LIBRARY"
-cp -f "$ORT_LIBRARY" "$ORT_DIR/libonnxruntime_providers_shared.so" "$BACKEND_DIR/rust/"
+# `install` replaces a changed file by a new one instead of writing into it, so a
+# server that has the old library loaded keeps running.
+for file in target/release/libtriton_rust.so "$ORT_LIBRARY" "$ORT_DIR/libonnxruntime_providers_shared.so"; do
+  cmp -s "$file" "$BACKEND_DIR/rust/$(basename "$file")" || install -m 0755 "$file" "$BACKEND_DIR/rust/"
+done
 say "ready: $TRITONSERVER with backend $BACKEND_LIBRARY"

@@ -7,6 +7,7 @@ libonnxruntime beside it) and TRITON_RUST_ORT_LIBRARY.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,11 +98,18 @@ class TritonServer:
             time.sleep(0.2)
         raise TimeoutError(f"tritonserver not ready after {timeout}s:\n{self.log()[-5000:]}")
 
+    # Every call closes its connection: a requests.Response that is still referenced
+    # (a local in a traceback, a global) otherwise keeps its keep-alive connection open,
+    # and tritonserver then waits its whole exit timeout (30 s) for it on SIGTERM.
     def post(self, path: str, body=None, **kwargs) -> requests.Response:
-        return requests.post(self.http_url + path, json=body, timeout=60, **kwargs)
+        headers = {"Connection": "close", **kwargs.pop("headers", {})}
+        return requests.post(
+            self.http_url + path, json=body, timeout=60, headers=headers, **kwargs
+        )
 
     def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.http_url + path, timeout=60, **kwargs)
+        headers = {"Connection": "close", **kwargs.pop("headers", {})}
+        return requests.get(self.http_url + path, timeout=60, headers=headers, **kwargs)
 
     def is_healthy(self) -> bool:
         return (
@@ -121,17 +129,23 @@ class TritonServer:
         self._log_file.close()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """A server with the example repository, every model and version loaded."""
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    triton = TritonServer(MODEL_REPOSITORY, log)
+@contextlib.contextmanager
+def running_server(repository, log_path: Path, args=(), env=None):
+    """A ready server for the duration of a with-block; its log must show no panic."""
+    triton = TritonServer(repository, log_path, args, env)
     try:
         triton.wait_until()
         yield triton
     finally:
         triton.stop()
         assert "panic" not in triton.log().lower(), triton.log()[-5000:]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A server with the example repository, every model and version loaded."""
+    with running_server(MODEL_REPOSITORY, tmp_path_factory.mktemp("server") / "tritonserver.log") as triton:
+        yield triton
 
 
 @pytest.fixture
@@ -167,3 +181,89 @@ def repository_copy(tmp_path):
 
 def load_reference(model: str) -> dict:
     return json.loads((REFERENCE_DIR / f"{model}.json").read_text())
+
+
+# --- HTTP helpers shared by the suites (plain functions, no server state) ---
+
+
+def text_input(texts, name: str = "text_input", shape=None) -> dict:
+    """A BYTES input in the JSON request form."""
+    texts = list(texts)
+    shape = [len(texts)] if shape is None else list(shape)
+    return {"name": name, "datatype": "BYTES", "shape": shape, "data": texts}
+
+
+def int64_input(name: str, rows) -> dict:
+    """An INT64 [N, S] input in the JSON request form."""
+    rows = [list(row) for row in rows]
+    shape = [len(rows), len(rows[0]) if rows else 0]
+    return {"name": name, "datatype": "INT64", "shape": shape, "data": [v for r in rows for v in r]}
+
+
+def infer(server, model: str, inputs, outputs=None) -> requests.Response:
+    """POST /v2/models/<model>/infer with a JSON body (all outputs unless named)."""
+    body = {"inputs": list(inputs)}
+    if outputs is not None:
+        body["outputs"] = [{"name": name} for name in outputs]
+    return server.post(f"/v2/models/{model}/infer", body)
+
+
+def outputs_by_name(response: requests.Response) -> dict:
+    return {output["name"]: output for output in response.json()["outputs"]}
+
+
+def error_message(response: requests.Response) -> str:
+    """The `error` field of a KServe error body ('' if there is none)."""
+    try:
+        return str(response.json().get("error", ""))
+    except ValueError:
+        return response.text
+
+
+def assert_error(response: requests.Response, *fragments: str, status: int = 400) -> str:
+    """Asserts the HTTP status and that the error message contains every fragment."""
+    message = error_message(response)
+    assert response.status_code == status, (response.status_code, response.text[:2000])
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), f"{fragment!r} not in error: {message}"
+    return message
+
+
+# A request that must succeed, per model of the example repository, and the output
+# shapes it must get back.
+GOOD_REQUESTS = {
+    "sentiment-classifier": (
+        [text_input(["What a wonderful day!"])],
+        {"sentiment_score": [1, 3], "sentiment_label": [1]},
+    ),
+    "bert-base": (
+        [text_input(["The quick brown fox."])],
+        {"embedding": [1, 64]},
+    ),
+}
+
+
+def assert_serves(server, model: str, like: str | None = None) -> None:
+    """`model` (a copy of example model `like`, by default itself) answers a good request."""
+    inputs, shapes = GOOD_REQUESTS[like or model]
+    response = infer(server, model, inputs)
+    assert response.status_code == 200, (model, response.status_code, response.text[:2000])
+    outputs = outputs_by_name(response)
+    for name, shape in shapes.items():
+        assert outputs[name]["shape"] == shape, (model, name, outputs[name]["shape"])
+
+
+def load_model(server, model: str, config: dict | None = None) -> requests.Response:
+    """Explicit-mode load; `config` (a model config dict) overrides config.pbtxt."""
+    body = {"parameters": {"config": json.dumps(config)}} if config is not None else None
+    return server.post(f"/v2/repository/models/{model}/load", body)
+
+
+def repository_index(server) -> dict:
+    """POST /v2/repository/index as {name: [entries, one per version]}."""
+    response = server.post("/v2/repository/index")
+    assert response.status_code == 200, response.text
+    index: dict = {}
+    for entry in response.json():
+        index.setdefault(entry["name"], []).append(entry)
+    return index

@@ -35,17 +35,23 @@ fn install_panic_hook() {
     });
 }
 
-/// Runs an entry point body, converting errors and panics into a Triton error.
+/// Runs an entry point body; a panic becomes an internal error instead of unwinding.
+fn guarded(name: &str, body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
+        Err(Error::internal(format!(
+            "triton-rust: panic in {name}; see the server log"
+        )))
+    })
+}
+
+/// Runs an entry point body and hands any error to Triton.
 fn entry_point(
     name: &str,
     body: impl FnOnce() -> Result<(), Error>,
 ) -> *mut sys::TRITONSERVER_Error {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => std::ptr::null_mut(),
-        Ok(Err(error)) => error.into_raw(),
-        Err(_) => {
-            Error::internal(format!("triton-rust: panic in {name}; see the server log")).into_raw()
-        }
+    match guarded(name, body) {
+        Ok(()) => std::ptr::null_mut(),
+        Err(error) => error.into_raw(),
     }
 }
 
@@ -220,4 +226,29 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
         log_error!("triton-rust: panic in execute; its requests were answered with errors");
     }
     std::ptr::null_mut()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::triton::ErrorCode;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let result = guarded("TRITONBACKEND_Test", || panic!("boom"));
+        let error = result.expect_err("the panic is caught");
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(
+            error.message.contains("panic in TRITONBACKEND_Test"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn errors_pass_through_unchanged() {
+        let result = guarded("TRITONBACKEND_Test", || Err(Error::invalid_arg("bad")));
+        assert_eq!(result, Err(Error::invalid_arg("bad")));
+        assert_eq!(guarded("TRITONBACKEND_Test", || Ok(())), Ok(()));
+    }
 }

@@ -98,6 +98,16 @@ impl ModelState {
     }
 }
 
+/// Triton calls instances of one model from several threads at once, all reading the
+/// shared model state, and may run an instance's executions on different threads.
+const _: () = {
+    const fn shared_across_threads<T: Send + Sync>() {}
+    const fn moved_across_threads<T: Send>() {}
+    shared_across_threads::<BackendState>();
+    shared_across_threads::<ModelState>();
+    moved_across_threads::<InstanceState>();
+};
+
 /// One model instance: an ONNX Runtime session bound to the model's task.
 pub struct InstanceState {
     pub name: String,
@@ -166,7 +176,8 @@ pub fn execute(
     requests: Vec<Request>,
 ) {
     let exec_start_ns = now_ns();
-    let mut batch: Vec<(Pending, PreparedRequest)> = Vec::with_capacity(requests.len());
+    let mut batched: Vec<Pending> = Vec::with_capacity(requests.len());
+    let mut prepared: Vec<PreparedRequest> = Vec::with_capacity(requests.len());
     let mut failed: Vec<(Pending, Error)> = Vec::new();
     for request in requests {
         let response = match Response::new(&request) {
@@ -180,21 +191,23 @@ pub fn execute(
             }
         };
         let pending = Pending { response, request };
-        let prepared = catch_unwind(AssertUnwindSafe(|| read_request(&pending.request, model)))
+        let read = catch_unwind(AssertUnwindSafe(|| read_request(&pending.request, model)))
             .unwrap_or_else(|panic| {
                 Err(Error::internal(format!(
                     "panic while reading the request: {}",
                     panic_message(&*panic)
                 )))
             });
-        match prepared {
-            Ok(prepared) => batch.push((pending, prepared)),
+        match read {
+            Ok(request) => {
+                batched.push(pending);
+                prepared.push(request);
+            }
             Err(error) => failed.push((pending, error)),
         }
     }
 
     let compute_start_ns = now_ns();
-    let prepared: Vec<PreparedRequest> = batch.iter().map(|(_, p)| p.clone()).collect();
     let outcome = if prepared.is_empty() {
         Ok(Vec::new())
     } else {
@@ -215,14 +228,14 @@ pub fn execute(
     let mut finished: Vec<(Pending, Result<Vec<OutputTensor>, Error>)> = Vec::new();
     match outcome {
         Ok(outputs) => {
-            for ((pending, _), outputs) in batch.into_iter().zip(outputs) {
+            for (pending, outputs) in batched.into_iter().zip(outputs) {
                 finished.push((pending, Ok(outputs)));
             }
         }
         Err(error) => {
             let error = Error::from(error);
             log_error!("triton-rust: '{}' execution failed: {error}", model.name);
-            for (pending, _) in batch {
+            for pending in batched {
                 finished.push((pending, Err(error.clone())));
             }
         }

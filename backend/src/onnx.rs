@@ -110,6 +110,7 @@ pub fn environment(library: &OnnxRuntimeLibrary) -> Result<Environment, BackendE
         OnnxRuntimeLibrary::Found { path, source } => (path, source),
         OnnxRuntimeLibrary::Missing(reason) => return Err(BackendError::Onnx(reason.clone())),
     };
+    check_library_file(path, source)?;
     let builder = ort::init_from(path).map_err(|e| {
         BackendError::Onnx(format!(
             "cannot load the ONNX Runtime library {} (from {}): {e}",
@@ -122,6 +123,40 @@ pub fn environment(library: &OnnxRuntimeLibrary) -> Result<Environment, BackendE
     })?;
     *slot = Some(environment.clone());
     Ok(environment)
+}
+
+/// Explains the common mistakes (a wrong path, a file that is not a library) before
+/// the loader's terse "dlopen failed".
+fn check_library_file(path: &Path, source: &LibrarySource) -> Result<(), BackendError> {
+    let origin = source.describe();
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut file| {
+        use std::io::Read;
+        file.read_exact(&mut magic)
+    });
+    let is_elf = match read {
+        Ok(()) => magic == *b"\x7fELF",
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BackendError::Onnx(format!(
+                "the ONNX Runtime library {} (from {origin}) does not exist",
+                path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(BackendError::Onnx(format!(
+                "cannot read the ONNX Runtime library {} (from {origin}): {e}",
+                path.display()
+            )));
+        }
+    };
+    if !is_elf {
+        return Err(BackendError::Onnx(format!(
+            "the ONNX Runtime library {} (from {origin}) is not a shared library",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Where a session runs.
@@ -228,6 +263,18 @@ mod tests {
                 path: "/cfg/lib.so".into(),
                 source: LibrarySource::BackendConfig
             }
+        );
+        let fake = dir.join("libonnxruntime.so");
+        let error = check_library_file(&fake, &LibrarySource::BesideBackend)
+            .expect_err("an empty file is no library")
+            .to_string();
+        assert!(error.contains("is not a shared library"), "{error}");
+        let error = check_library_file(&dir.join("absent.so"), &LibrarySource::Environment)
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            error.contains("absent.so (from ORT_DYLIB_PATH) does not exist"),
+            "{error}"
         );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
