@@ -48,6 +48,9 @@ samples = [
     ("bert-base", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
                                "data": ["This is a great day!"]}],
                    "outputs": [{"name": "embedding"}]}),
+    ("gpt2-small", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                "data": ["The weather today is"]}],
+                    "parameters": {"max_new_tokens": 20, "do_sample": False}}),
 ]
 for model, body in samples:
     print(f"\n$ curl -X POST {url}/v2/models/{model}/infer -d '{json.dumps(body)}'")

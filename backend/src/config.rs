@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::error::BackendError;
+use crate::generation::GENERATION_PARAMETERS;
 
 /// An input or output declared in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,15 +135,19 @@ pub enum TaskKind {
     SentimentClassifier,
     /// Text or token ids in, hidden states and a pooled embedding out.
     FeatureExtraction,
+    /// A prompt in, the prompt and its continuation out (decoder with a KV cache).
+    TextGeneration,
 }
 
 impl TaskKind {
-    pub const NAMES: &'static str = "'sentiment-classifier', 'feature-extraction'";
+    pub const NAMES: &'static str =
+        "'sentiment-classifier', 'feature-extraction', 'text-generation'";
 
     pub fn name(self) -> &'static str {
         match self {
             TaskKind::SentimentClassifier => "sentiment-classifier",
             TaskKind::FeatureExtraction => "feature-extraction",
+            TaskKind::TextGeneration => "text-generation",
         }
     }
 
@@ -150,12 +155,14 @@ impl TaskKind {
         match name {
             "sentiment-classifier" => Some(TaskKind::SentimentClassifier),
             "feature-extraction" => Some(TaskKind::FeatureExtraction),
+            "text-generation" => Some(TaskKind::TextGeneration),
             _ => None,
         }
     }
 }
 
-/// Parameter names this backend accepts in `config.pbtxt`.
+/// Parameter names this backend accepts in `config.pbtxt`, besides the generation
+/// defaults ([`GENERATION_PARAMETERS`]) and `eos_token` of `text-generation` models.
 pub const KNOWN_PARAMETERS: &[&str] = &[
     "task",
     "max_sequence_length",
@@ -164,6 +171,9 @@ pub const KNOWN_PARAMETERS: &[&str] = &[
     "intra_op_thread_count",
     "inter_op_thread_count",
 ];
+
+/// Token that ends generation, for `text-generation` models.
+pub const EOS_TOKEN: &str = "eos_token";
 
 /// Validated backend settings from the model's `parameters`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,13 +206,16 @@ fn positive_int(
 
 impl ModelSettings {
     pub fn from_parameters(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError> {
+        let is_generation_setting =
+            |key: &str| key == EOS_TOKEN || GENERATION_PARAMETERS.contains(&key);
         if let Some(unknown) = parameters
             .keys()
-            .find(|key| !KNOWN_PARAMETERS.contains(&key.as_str()))
+            .find(|key| !KNOWN_PARAMETERS.contains(&key.as_str()) && !is_generation_setting(key))
         {
             return Err(config_error(format!(
-                "unknown parameter '{unknown}'; known parameters: {}",
-                KNOWN_PARAMETERS.join(", ")
+                "unknown parameter '{unknown}'; known parameters: {}, and for text-generation {}, {EOS_TOKEN}",
+                KNOWN_PARAMETERS.join(", "),
+                GENERATION_PARAMETERS.join(", ")
             )));
         }
         let task_name = parameters.get("task").ok_or_else(|| {
@@ -229,6 +242,13 @@ impl ModelSettings {
                 Some(labels)
             }
         };
+        if task != TaskKind::TextGeneration
+            && let Some(key) = parameters.keys().find(|key| is_generation_setting(key))
+        {
+            return Err(config_error(format!(
+                "parameter '{key}' only applies to task 'text-generation'"
+            )));
+        }
         if labels.is_some() && task != TaskKind::SentimentClassifier {
             return Err(config_error(
                 "parameter 'labels' only applies to task 'sentiment-classifier'",
@@ -321,6 +341,10 @@ mod tests {
             (
                 &[("task", "sentiment-classifier"), ("max_seq_len", "8")],
                 "unknown parameter 'max_seq_len'",
+            ),
+            (
+                &[("task", "feature-extraction"), ("temperature", "0.5")],
+                "'temperature' only applies to task 'text-generation'",
             ),
         ];
         for (pairs, expected) in cases {

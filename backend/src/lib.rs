@@ -8,10 +8,12 @@
 pub mod bytes_tensor;
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod model;
 pub mod onnx;
 pub mod pipeline;
 pub mod postprocess;
+pub mod task;
 pub mod tokenize;
 pub mod triton;
 

@@ -11,11 +11,11 @@ use ort::session::Session;
 use crate::config::{ModelConfig, ModelSettings};
 use crate::error::BackendError;
 use crate::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
-use crate::pipeline::{OutputTensor, Pipeline, PreparedRequest, SessionBinding};
-use crate::tokenize::TextEncoder;
+use crate::pipeline::OutputTensor;
+use crate::task::{TaskBinding, TaskLogic, TaskRequest};
 use crate::triton::{
-    BackendHandle, Error, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle, Request,
-    Response, now_ns,
+    BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle,
+    Request, Response, now_ns,
 };
 use crate::{log_error, log_info};
 
@@ -55,7 +55,7 @@ pub struct ModelState {
     settings: ModelSettings,
     max_batch_size: i64,
     model_path: PathBuf,
-    pipeline: Pipeline,
+    task: TaskLogic,
     environment: ort::environment::Environment,
 }
 
@@ -74,12 +74,7 @@ impl ModelState {
             ))
             .into());
         }
-        let text = TextEncoder::from_file(
-            &version_dir.join(TOKENIZER_FILE),
-            settings.max_sequence_length,
-            settings.pad_token.as_deref(),
-        )?;
-        let pipeline = Pipeline::new(&config, &settings, text)?;
+        let task = TaskLogic::new(&config, &settings, &version_dir.join(TOKENIZER_FILE))?;
         let environment = onnx::environment(&backend.onnxruntime)?;
         log_info!(
             "triton-rust: model '{name}' version {version}: task {:?}, max batch size {}",
@@ -92,7 +87,7 @@ impl ModelState {
             settings,
             max_batch_size: config.max_batch_size,
             model_path,
-            pipeline,
+            task,
             environment,
         })
     }
@@ -112,7 +107,7 @@ const _: () = {
 pub struct InstanceState {
     pub name: String,
     session: Session,
-    binding: SessionBinding,
+    binding: TaskBinding,
 }
 
 impl InstanceState {
@@ -128,7 +123,7 @@ impl InstanceState {
             device,
         };
         let session = onnx::load_session(&model.environment, &model.model_path, options)?;
-        let binding = model.pipeline.bind_session(&session)?;
+        let binding = model.task.bind(&session)?;
         log_info!(
             "triton-rust: instance '{name}' of '{}' ready on {device:?}",
             model.name
@@ -149,14 +144,15 @@ struct Pending {
 }
 
 /// Reads a request's inputs and requested outputs into host memory.
-fn read_request(request: &Request, model: &ModelState) -> Result<PreparedRequest, Error> {
+fn read_request(request: &Request, model: &ModelState) -> Result<TaskRequest, Error> {
     let mut inputs = HashMap::new();
     for name in request.input_names()? {
         let tensor = request.read_input(&name)?;
         inputs.insert(name, tensor);
     }
     let wanted = request.requested_output_names()?;
-    Ok(model.pipeline.prepare(inputs, wanted)?)
+    let parameters = request.parameters()?;
+    Ok(model.task.prepare(inputs, &parameters, wanted)?)
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -177,7 +173,7 @@ pub fn execute(
 ) {
     let exec_start_ns = now_ns();
     let mut batched: Vec<Pending> = Vec::with_capacity(requests.len());
-    let mut prepared: Vec<PreparedRequest> = Vec::with_capacity(requests.len());
+    let mut prepared: Vec<TaskRequest> = Vec::with_capacity(requests.len());
     let mut failed: Vec<(Pending, Error)> = Vec::new();
     for request in requests {
         let response = match Response::new(&request) {
@@ -207,14 +203,20 @@ pub fn execute(
         }
     }
 
+    let batch_size: u64 = if model.max_batch_size > 0 {
+        prepared.iter().map(|p| p.rows() as u64).sum()
+    } else {
+        prepared.len() as u64
+    };
     let compute_start_ns = now_ns();
     let outcome = if prepared.is_empty() {
         Ok(Vec::new())
     } else {
         catch_unwind(AssertUnwindSafe(|| {
+            let is_cancelled = |i: usize| batched.get(i).is_some_and(|p| p.request.is_cancelled());
             model
-                .pipeline
-                .run(&mut state.session, &state.binding, &prepared)
+                .task
+                .run(&mut state.session, &state.binding, prepared, &is_cancelled)
         }))
         .unwrap_or_else(|panic| {
             Err(BackendError::Onnx(format!(
@@ -240,11 +242,6 @@ pub fn execute(
             }
         }
     }
-    let batch_size: u64 = if model.max_batch_size > 0 {
-        prepared.iter().map(|p| p.rows() as u64).sum()
-    } else {
-        prepared.len() as u64
-    };
     finished.extend(
         failed
             .into_iter()
@@ -277,6 +274,14 @@ pub fn execute(
 /// Sends one request's outputs or error; returns the request and whether it succeeded.
 fn answer(pending: Pending, result: Result<Vec<OutputTensor>, Error>) -> (Request, bool) {
     let Pending { response, request } = pending;
+    let result = if request.is_cancelled() {
+        Err(Error::new(
+            ErrorCode::Cancelled,
+            "the request was cancelled",
+        ))
+    } else {
+        result
+    };
     let Some(mut response) = response else {
         return (request, false);
     };

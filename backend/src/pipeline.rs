@@ -30,10 +30,10 @@ const TOKEN_TYPE_IDS: &str = "token_type_ids";
 const LOGITS: &str = "logits";
 
 /// A tensor as the configuration must declare it for a task.
-struct Contract {
-    name: &'static str,
-    data_type: &'static str,
-    required: bool,
+pub(crate) struct Contract {
+    pub name: &'static str,
+    pub data_type: &'static str,
+    pub required: bool,
 }
 
 const CLASSIFIER_INPUTS: &[Contract] = &[Contract {
@@ -83,7 +83,7 @@ const ENCODER_OUTPUTS: &[Contract] = &[
     },
 ];
 
-fn check_contracts(
+pub(crate) fn check_contracts(
     kind: &str,
     declared: &[crate::config::TensorSpec],
     contracts: &[Contract],
@@ -172,9 +172,16 @@ fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
     values.into_iter().flat_map(f32::to_le_bytes).collect()
 }
 
-/// The task-specific model logic shared by all instances of a model.
+/// The encoder tasks this pipeline serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EncoderTask {
+    SentimentClassifier,
+    FeatureExtraction,
+}
+
+/// The task-specific model logic shared by all instances of an encoder model.
 pub struct Pipeline {
-    task: TaskKind,
+    task: EncoderTask,
     labels: Option<Vec<String>>,
     text: TextEncoder,
     /// Batched configs declare `text_input` with dims `[1]`: a `[B, 1]` request is B texts
@@ -189,13 +196,26 @@ impl Pipeline {
         text: TextEncoder,
     ) -> Result<Self, BackendError> {
         let task_name = settings.task.name();
-        let (inputs, outputs) = match settings.task {
-            TaskKind::SentimentClassifier => (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS),
-            TaskKind::FeatureExtraction => (ENCODER_INPUTS, ENCODER_OUTPUTS),
+        let (task, inputs, outputs) = match settings.task {
+            TaskKind::SentimentClassifier => (
+                EncoderTask::SentimentClassifier,
+                CLASSIFIER_INPUTS,
+                CLASSIFIER_OUTPUTS,
+            ),
+            TaskKind::FeatureExtraction => (
+                EncoderTask::FeatureExtraction,
+                ENCODER_INPUTS,
+                ENCODER_OUTPUTS,
+            ),
+            TaskKind::TextGeneration => {
+                return Err(BackendError::Config(format!(
+                    "task '{task_name}' is not an encoder task"
+                )));
+            }
         };
         check_contracts("input", &config.inputs, inputs, task_name)?;
         check_contracts("output", &config.outputs, outputs, task_name)?;
-        if settings.task == TaskKind::FeatureExtraction {
+        if task == EncoderTask::FeatureExtraction {
             let has_ids = config.input(INPUT_IDS).is_some();
             let has_mask = config.input(ATTENTION_MASK).is_some();
             if has_ids != has_mask {
@@ -214,7 +234,7 @@ impl Pipeline {
                 .input(TEXT_INPUT)
                 .is_some_and(|spec| spec.dims == [1]);
         Ok(Pipeline {
-            task: settings.task,
+            task,
             labels: settings.labels.clone(),
             text,
             drops_text_unit_dim,
@@ -244,8 +264,8 @@ impl Pipeline {
             ));
         }
         let wanted = match self.task {
-            TaskKind::SentimentClassifier => LOGITS,
-            TaskKind::FeatureExtraction => LAST_HIDDEN_STATE,
+            EncoderTask::SentimentClassifier => LOGITS,
+            EncoderTask::FeatureExtraction => LAST_HIDDEN_STATE,
         };
         let outputs = session.outputs();
         let output = match outputs.iter().find(|o| o.name() == wanted) {
@@ -432,8 +452,8 @@ impl Pipeline {
         })?;
         let (out_shape, data) = value.try_extract_tensor::<f32>()?;
         match self.task {
-            TaskKind::SentimentClassifier => self.split_classifier(requests, out_shape, data),
-            TaskKind::FeatureExtraction => {
+            EncoderTask::SentimentClassifier => self.split_classifier(requests, out_shape, data),
+            EncoderTask::FeatureExtraction => {
                 let mask =
                     ArrayView2::from_shape((batch.batch, batch.sequence), &batch.attention_mask)
                         .map_err(|e| BackendError::Onnx(e.to_string()))?;
@@ -589,7 +609,7 @@ fn static_last_dim(session: &Session, output: &str) -> Option<usize> {
 }
 
 /// Number of elements of a request shape; every dimension must be non-negative.
-fn element_count(name: &str, shape: &[i64]) -> Result<usize, BackendError> {
+pub(crate) fn element_count(name: &str, shape: &[i64]) -> Result<usize, BackendError> {
     shape.iter().try_fold(1usize, |acc, &d| {
         usize::try_from(d)
             .ok()

@@ -13,6 +13,18 @@ pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 /// padding names one.
 const WELL_KNOWN_PAD_TOKENS: &[&str] = &["<pad>", "[PAD]", "<|endoftext|>"];
 
+/// Loads a `tokenizer.json`, naming the file in every error.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, BackendError> {
+    if !path.is_file() {
+        return Err(BackendError::ModelFile(format!(
+            "tokenizer file {} does not exist",
+            path.display()
+        )));
+    }
+    Tokenizer::from_file(path)
+        .map_err(|e| BackendError::Tokenizer(format!("cannot load {}: {e}", path.display())))
+}
+
 /// One tokenized sequence: ids, attention mask and token type ids of equal length.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenRow {
@@ -71,15 +83,7 @@ impl TextEncoder {
         max_length: Option<usize>,
         pad_token: Option<&str>,
     ) -> Result<Self, BackendError> {
-        if !path.is_file() {
-            return Err(BackendError::ModelFile(format!(
-                "tokenizer file {} does not exist",
-                path.display()
-            )));
-        }
-        let tokenizer = Tokenizer::from_file(path)
-            .map_err(|e| BackendError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        Self::new(tokenizer, max_length, pad_token)
+        Self::new(load_tokenizer(path)?, max_length, pad_token)
     }
 
     pub fn new(

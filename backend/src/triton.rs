@@ -672,6 +672,17 @@ impl Request {
         }
     }
 
+    /// Whether the client cancelled this request (or went away, where the protocol
+    /// tells); a failed check counts as not cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        let mut cancelled = false;
+        // SAFETY: the request is live; `cancelled` is a valid out-pointer.
+        let result = check(unsafe {
+            sys::TRITONBACKEND_RequestIsCancelled(self.0.as_ptr(), &mut cancelled)
+        });
+        result.is_ok() && cancelled
+    }
+
     /// Names of the inputs present in this request.
     pub fn input_names(&self) -> Result<Vec<String>> {
         let mut count = 0u32;
@@ -704,6 +715,58 @@ impl Request {
                 })?;
                 // SAFETY: a NUL-terminated string live while the request is.
                 Ok(unsafe { copy_c_str(name) })
+            })
+            .collect()
+    }
+
+    /// The request's parameters (KServe `parameters`), in no particular order.
+    pub fn parameters(&self) -> Result<Vec<(String, ParameterValue)>> {
+        let mut count = 0u32;
+        // SAFETY: the request is live; `count` is a valid out-pointer.
+        check(unsafe { sys::TRITONBACKEND_RequestParameterCount(self.0.as_ptr(), &mut count) })?;
+        (0..count)
+            .map(|index| {
+                let mut key = ptr::null();
+                let mut kind = 0;
+                let mut value = ptr::null();
+                // SAFETY: `index` < count; out-pointers are valid; the returned key and
+                // value live as long as the request.
+                check(unsafe {
+                    sys::TRITONBACKEND_RequestParameter(
+                        self.0.as_ptr(),
+                        index,
+                        &mut key,
+                        &mut kind,
+                        &mut value,
+                    )
+                })?;
+                // SAFETY: a NUL-terminated key live while the request is.
+                let key = unsafe { copy_c_str(key) };
+                if value.is_null() {
+                    return Err(Error::invalid_arg(format!(
+                        "parameter '{key}' has no value"
+                    )));
+                }
+                // SAFETY: `value` points to the type Triton names in `kind` (tritonserver.h):
+                // a C string, an int64, a bool or a double, live while the request is.
+                let value = unsafe {
+                    match kind {
+                        sys::TRITONSERVER_PARAMETER_STRING => {
+                            ParameterValue::String(copy_c_str(value.cast::<c_char>()))
+                        }
+                        sys::TRITONSERVER_PARAMETER_INT => {
+                            ParameterValue::Int(*value.cast::<i64>())
+                        }
+                        sys::TRITONSERVER_PARAMETER_BOOL => {
+                            ParameterValue::Bool(*value.cast::<bool>())
+                        }
+                        sys::TRITONSERVER_PARAMETER_DOUBLE => {
+                            ParameterValue::Double(*value.cast::<f64>())
+                        }
+                        _ => ParameterValue::Other,
+                    }
+                };
+                Ok((key, value))
             })
             .collect()
     }
@@ -817,6 +880,17 @@ impl Drop for Request {
             crate::log_error!("failed to release a request: {error}");
         }
     }
+}
+
+/// A request parameter's value, by the type Triton gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParameterValue {
+    String(String),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+    /// A type this backend does not read (raw bytes).
+    Other,
 }
 
 /// One input tensor copied into host memory.

@@ -1,0 +1,839 @@
+//! Text generation with a GPT-2 style ONNX decoder that takes and returns past key
+//! values: one prefill over the left-padded prompts, then one step per new token that
+//! reuses the cache. Free of Triton FFI.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, ValueType};
+use tokenizers::Tokenizer;
+
+use crate::bytes_tensor;
+use crate::error::BackendError;
+use crate::pipeline::{OutputTensor, TEXT_INPUT};
+use crate::postprocess::{argmax, softmax};
+use crate::triton::{DataType, InputTensor, ParameterValue};
+
+pub const GENERATED_TEXT: &str = "generated_text";
+
+/// Sampling settings of one request: config defaults, overridden per request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    pub do_sample: bool,
+    /// Fixes the random choices; without it each request draws a fresh seed.
+    pub seed: Option<u64>,
+    pub repetition_penalty: f32,
+    /// Generation stops when the text contains one of these; the output ends before it.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerationParams {
+    /// The seed's Python model: 50 new tokens, temperature 0.7, sampling on.
+    fn default() -> Self {
+        GenerationParams {
+            max_new_tokens: 50,
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            do_sample: true,
+            seed: None,
+            repetition_penalty: 1.0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Names of the generation settings, in config parameters and request parameters.
+pub const GENERATION_PARAMETERS: &[&str] = &[
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "do_sample",
+    "seed",
+    "repetition_penalty",
+    "stop",
+];
+
+fn invalid(key: &str, expected: &str, value: &ParameterValue) -> BackendError {
+    BackendError::InvalidInput(format!(
+        "parameter '{key}' must be {expected}, got {value:?}"
+    ))
+}
+
+fn as_f64(key: &str, expected: &str, value: &ParameterValue) -> Result<f64, BackendError> {
+    let number = match value {
+        ParameterValue::Double(v) => Some(*v),
+        ParameterValue::Int(v) => Some(*v as f64),
+        ParameterValue::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    number
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| invalid(key, expected, value))
+}
+
+fn as_u64(key: &str, expected: &str, value: &ParameterValue) -> Result<u64, BackendError> {
+    let number = match value {
+        ParameterValue::Int(v) => u64::try_from(*v).ok(),
+        ParameterValue::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    number.ok_or_else(|| invalid(key, expected, value))
+}
+
+fn as_bool(key: &str, value: &ParameterValue) -> Result<bool, BackendError> {
+    match value {
+        ParameterValue::Bool(v) => Ok(*v),
+        ParameterValue::String(s) if s.trim().eq_ignore_ascii_case("true") => Ok(true),
+        ParameterValue::String(s) if s.trim().eq_ignore_ascii_case("false") => Ok(false),
+        _ => Err(invalid(key, "true or false", value)),
+    }
+}
+
+/// `stop` is one string, or a JSON list of strings (request parameters are scalars).
+fn as_stop_list(value: &ParameterValue) -> Result<Vec<String>, BackendError> {
+    let ParameterValue::String(text) = value else {
+        return Err(invalid("stop", "a string or a JSON list of strings", value));
+    };
+    let list = if text.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<String>>(text)
+            .map_err(|_| invalid("stop", "a string or a JSON list of strings", value))?
+    } else {
+        vec![text.clone()]
+    };
+    if list.iter().any(String::is_empty) {
+        return Err(invalid("stop", "non-empty strings", value));
+    }
+    Ok(list)
+}
+
+impl GenerationParams {
+    /// Applies one setting; returns false for a key that is not a generation setting.
+    fn apply(&mut self, key: &str, value: &ParameterValue) -> Result<bool, BackendError> {
+        match key {
+            "max_new_tokens" => {
+                self.max_new_tokens = usize::try_from(as_u64(key, "a positive integer", value)?)
+                    .unwrap_or(usize::MAX);
+            }
+            "temperature" => self.temperature = as_f64(key, "a number > 0", value)? as f32,
+            "top_k" => {
+                self.top_k = usize::try_from(as_u64(key, "an integer >= 0", value)?).unwrap_or(0)
+            }
+            "top_p" => self.top_p = as_f64(key, "a number in (0, 1]", value)? as f32,
+            "do_sample" => self.do_sample = as_bool(key, value)?,
+            "seed" => self.seed = Some(as_u64(key, "an integer >= 0", value)?),
+            "repetition_penalty" => {
+                self.repetition_penalty = as_f64(key, "a number > 0", value)? as f32
+            }
+            "stop" => self.stop = as_stop_list(value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn validate(&self, context_length: usize) -> Result<(), BackendError> {
+        let bad = |message: String| Err(BackendError::InvalidInput(message));
+        if self.max_new_tokens == 0 || self.max_new_tokens > context_length {
+            return bad(format!(
+                "parameter 'max_new_tokens' must be between 1 and the context length \
+                 {context_length}, got {}",
+                self.max_new_tokens
+            ));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!(
+                "parameter 'temperature' must be a number > 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!(
+                "parameter 'top_p' must be in (0, 1], got {}",
+                self.top_p
+            ));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!(
+                "parameter 'repetition_penalty' must be a number > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    /// Defaults from the model's config parameters (strings), over the seed's defaults.
+    pub fn from_config(
+        parameters: &BTreeMap<String, String>,
+        context_length: usize,
+    ) -> Result<Self, BackendError> {
+        let mut params = GenerationParams::default();
+        for (key, value) in parameters {
+            params.apply(key, &ParameterValue::String(value.clone()))?;
+        }
+        if params.seed.is_some() {
+            return Err(BackendError::Config(
+                "parameter 'seed' is per request; it cannot be a model default".into(),
+            ));
+        }
+        params
+            .validate(context_length)
+            .map_err(|e| BackendError::Config(e.to_string()))?;
+        Ok(params)
+    }
+
+    /// These defaults with a request's parameters applied; other parameters are ignored.
+    pub fn with_request(
+        &self,
+        parameters: &[(String, ParameterValue)],
+        context_length: usize,
+    ) -> Result<Self, BackendError> {
+        let mut params = self.clone();
+        for (key, value) in parameters {
+            params.apply(key, value)?;
+        }
+        params.validate(context_length)?;
+        Ok(params)
+    }
+}
+
+/// SplitMix64: small, fast and reproducible; enough to draw tokens.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Picks the next token from one row of logits, in the order Hugging Face applies the
+/// same settings: repetition penalty, then greedy, or temperature, top-k, top-p and a draw.
+pub fn choose_token(
+    logits: &mut [f32],
+    history: &[i64],
+    params: &GenerationParams,
+    rng: &mut Rng,
+) -> usize {
+    if params.repetition_penalty != 1.0 {
+        let seen: HashSet<usize> = history
+            .iter()
+            .filter_map(|&t| usize::try_from(t).ok())
+            .collect();
+        for token in seen {
+            if let Some(logit) = logits.get_mut(token) {
+                *logit = if *logit > 0.0 {
+                    *logit / params.repetition_penalty
+                } else {
+                    *logit * params.repetition_penalty
+                };
+            }
+        }
+    }
+    if !params.do_sample {
+        return argmax(logits).unwrap_or(0);
+    }
+    for logit in logits.iter_mut() {
+        *logit /= params.temperature;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
+    let kept: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
+    let mut probabilities = softmax(&kept);
+    if params.top_p < 1.0 {
+        let mut total = 0.0;
+        let keep = probabilities
+            .iter()
+            .position(|&p| {
+                total += p;
+                total >= params.top_p
+            })
+            .map_or(probabilities.len(), |last| last + 1);
+        probabilities.truncate(keep);
+    }
+    let sum: f32 = probabilities.iter().sum();
+    let mut target = rng.next_unit() * sum;
+    for (rank, p) in probabilities.iter().enumerate() {
+        if target < *p {
+            return order[rank];
+        }
+        target -= p;
+    }
+    order[probabilities.len().saturating_sub(1)]
+}
+
+/// The decoder's cache layout, read from the graph when an instance loads.
+#[derive(Debug, Clone)]
+pub struct DecoderBinding {
+    layers: usize,
+    heads: usize,
+    head_dim: usize,
+    has_position_ids: bool,
+}
+
+impl DecoderBinding {
+    pub fn new(session: &Session) -> Result<Self, BackendError> {
+        let unsupported = |m: String| Err(BackendError::Unsupported(m));
+        let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !names.contains(&required) {
+                return unsupported(format!("the decoder has no '{required}' input"));
+            }
+        }
+        let layers = names
+            .iter()
+            .filter(|n| n.starts_with("past_key_values.") && n.ends_with(".key"))
+            .count();
+        if layers == 0 {
+            return unsupported(
+                "the decoder has no 'past_key_values.{i}.key/value' inputs: export it with past key values".into(),
+            );
+        }
+        for name in &names {
+            let known = matches!(*name, "input_ids" | "attention_mask" | "position_ids")
+                || (0..layers).any(|i| {
+                    *name == format!("past_key_values.{i}.key")
+                        || *name == format!("past_key_values.{i}.value")
+                });
+            if !known {
+                return unsupported(format!(
+                    "the decoder has an input this backend cannot feed: '{name}'"
+                ));
+            }
+        }
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        for i in 0..layers {
+            for part in ["key", "value"] {
+                if !names.contains(&format!("past_key_values.{i}.{part}").as_str()) {
+                    return unsupported(format!(
+                        "the decoder lacks input 'past_key_values.{i}.{part}'"
+                    ));
+                }
+                if !outputs.contains(&format!("present.{i}.{part}").as_str()) {
+                    return unsupported(format!("the decoder lacks output 'present.{i}.{part}'"));
+                }
+            }
+        }
+        if !outputs.contains(&"logits") {
+            return unsupported("the decoder has no 'logits' output".into());
+        }
+        let cache_shape = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == "past_key_values.0.key")
+            .and_then(|o| match o.dtype() {
+                ValueType::Tensor { shape, .. } => Some(shape.to_vec()),
+                _ => None,
+            });
+        let (heads, head_dim) = match cache_shape.as_deref() {
+            Some([_, heads, _, head_dim]) if *heads > 0 && *head_dim > 0 => {
+                (*heads as usize, *head_dim as usize)
+            }
+            other => {
+                return unsupported(format!(
+                    "'past_key_values.0.key' must be [batch, heads, past, head_dim] with fixed heads \
+                     and head_dim, got {other:?}"
+                ));
+            }
+        };
+        Ok(DecoderBinding {
+            layers,
+            heads,
+            head_dim,
+            has_position_ids: names.contains(&"position_ids"),
+        })
+    }
+}
+
+/// One request's prompts and settings, validated.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    prompts: Vec<String>,
+    text_shape: Vec<i64>,
+    params: GenerationParams,
+}
+
+impl GenerationRequest {
+    pub fn rows(&self) -> usize {
+        self.prompts.len()
+    }
+}
+
+/// The text-generation task shared by all instances of a model.
+pub struct Generator {
+    tokenizer: Tokenizer,
+    eos_id: i64,
+    /// Positions the model can attend to: prompt plus new tokens never exceed it.
+    context_length: usize,
+    defaults: GenerationParams,
+}
+
+impl Generator {
+    pub fn new(
+        tokenizer: Tokenizer,
+        eos_token: Option<&str>,
+        context_length: usize,
+        defaults: GenerationParams,
+    ) -> Result<Self, BackendError> {
+        let eos_token = eos_token.unwrap_or("<|endoftext|>");
+        let eos_id = tokenizer.token_to_id(eos_token).map(i64::from).ok_or_else(|| {
+            BackendError::Config(format!(
+                "the end-of-text token '{eos_token}' is not in the tokenizer; set parameter 'pad_token'"
+            ))
+        })?;
+        Ok(Generator {
+            tokenizer,
+            eos_id,
+            context_length,
+            defaults,
+        })
+    }
+
+    /// Validates one request: its texts and its generation parameters.
+    pub fn prepare(
+        &self,
+        text: &InputTensor,
+        parameters: &[(String, ParameterValue)],
+    ) -> Result<GenerationRequest, BackendError> {
+        if text.datatype != DataType::Bytes {
+            return Err(BackendError::InvalidInput(format!(
+                "input '{TEXT_INPUT}' must be BYTES, not {}",
+                text.datatype.name()
+            )));
+        }
+        let count = crate::pipeline::element_count(TEXT_INPUT, &text.shape)?;
+        let prompts = bytes_tensor::decode_texts(TEXT_INPUT, &text.data, count)?;
+        if prompts.is_empty() {
+            return Err(BackendError::InvalidInput(
+                "the request holds no prompt".into(),
+            ));
+        }
+        let params = self
+            .defaults
+            .with_request(parameters, self.context_length)?;
+        Ok(GenerationRequest {
+            prompts,
+            text_shape: text.shape.clone(),
+            params,
+        })
+    }
+
+    fn encode(&self, prompt: &str) -> Result<Vec<i64>, BackendError> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))?;
+        let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+        // Keep the end of an over-long prompt, leaving room for one new token.
+        let keep = self.context_length - 1;
+        Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
+    }
+
+    fn decode(&self, ids: &[i64]) -> Result<String, BackendError> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .filter_map(|&id| u32::try_from(id).ok())
+            .collect();
+        self.tokenizer
+            .decode(&ids, true)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))
+    }
+
+    /// Generates for every prompt of every request in one batch. `is_cancelled(i)` is
+    /// asked before each step: the rows of a cancelled request stop at once.
+    pub fn run(
+        &self,
+        session: &mut Session,
+        binding: &DecoderBinding,
+        requests: &[GenerationRequest],
+        is_cancelled: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
+        let mut rows = Vec::new();
+        for (request_index, request) in requests.iter().enumerate() {
+            for (index, prompt) in request.prompts.iter().enumerate() {
+                let seed = request
+                    .params
+                    .seed
+                    .map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
+                rows.push(Row {
+                    request: request_index,
+                    prompt: self.encode(prompt)?,
+                    params: &request.params,
+                    rng: Rng::new(seed),
+                    generated: Vec::new(),
+                    finished: false,
+                });
+            }
+        }
+        self.decode_loop(session, binding, &mut rows, is_cancelled)?;
+
+        let mut finished = rows.into_iter();
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut texts = Vec::with_capacity(request.rows());
+            for prompt in &request.prompts {
+                let row = finished
+                    .next()
+                    .ok_or_else(|| BackendError::Onnx("a generated row went missing".into()))?;
+                let continuation = self.decode(&row.generated)?;
+                texts.push(format!(
+                    "{prompt}{}",
+                    cut_at_stop(&continuation, &request.params.stop)
+                ));
+            }
+            results.push(vec![OutputTensor {
+                name: GENERATED_TEXT,
+                datatype: DataType::Bytes,
+                shape: request.text_shape.clone(),
+                data: bytes_tensor::encode_elements(&texts),
+            }]);
+        }
+        Ok(results)
+    }
+
+    fn decode_loop(
+        &self,
+        session: &mut Session,
+        binding: &DecoderBinding,
+        rows: &mut [Row<'_>],
+        is_cancelled: &dyn Fn(usize) -> bool,
+    ) -> Result<(), BackendError> {
+        let batch = rows.len();
+        let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        // Left padding: every prompt ends at the same column, so one step feeds all rows.
+        let mut input_ids = Vec::with_capacity(batch * width);
+        let mut mask = Vec::with_capacity(batch * width);
+        let mut positions = Vec::with_capacity(batch * width);
+        for row in rows.iter() {
+            let pad = width - row.prompt.len();
+            input_ids
+                .extend(std::iter::repeat_n(self.eos_id, pad).chain(row.prompt.iter().copied()));
+            mask.extend(
+                std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, row.prompt.len())),
+            );
+            positions.extend(std::iter::repeat_n(0i64, pad).chain(0..row.prompt.len() as i64));
+        }
+        let mut step_width = width;
+        let mut past: Vec<DynValue> = Vec::with_capacity(binding.layers * 2);
+        for _ in 0..binding.layers * 2 {
+            let empty = Tensor::<f32>::from_array((
+                [batch, binding.heads, 0, binding.head_dim],
+                Vec::new(),
+            ))?;
+            past.push(empty.into_dyn());
+        }
+        let mut attended = width;
+        loop {
+            for row in rows.iter_mut().filter(|r| !r.finished) {
+                row.finished = is_cancelled(row.request);
+            }
+            if rows.iter().all(|r| r.finished) {
+                return Ok(());
+            }
+            let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                (
+                    "input_ids".into(),
+                    Tensor::from_array(([batch, step_width], input_ids))?.into(),
+                ),
+                (
+                    "attention_mask".into(),
+                    Tensor::from_array(([batch, attended], mask.clone()))?.into(),
+                ),
+            ];
+            if binding.has_position_ids {
+                feeds.push((
+                    "position_ids".into(),
+                    Tensor::from_array(([batch, step_width], positions.clone()))?.into(),
+                ));
+            }
+            for (i, value) in past.drain(..).enumerate() {
+                let part = if i % 2 == 0 { "key" } else { "value" };
+                feeds.push((
+                    format!("past_key_values.{}.{part}", i / 2).into(),
+                    value.into(),
+                ));
+            }
+            let mut outputs = session.run(feeds)?;
+            let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+            let vocab = match shape[..] {
+                [b, s, v] if b as usize == batch && s as usize == step_width && v > 0 => v as usize,
+                _ => return Err(BackendError::Onnx(format!("logits have shape {shape:?}"))),
+            };
+            let mut next = Vec::with_capacity(batch);
+            for (r, row) in rows.iter_mut().enumerate() {
+                if row.finished {
+                    next.push(self.eos_id);
+                    continue;
+                }
+                let start = (r * step_width + step_width - 1) * vocab;
+                let mut row_logits = logits[start..start + vocab].to_vec();
+                let history: Vec<i64> = row.prompt.iter().chain(&row.generated).copied().collect();
+                let token =
+                    choose_token(&mut row_logits, &history, row.params, &mut row.rng) as i64;
+                next.push(token);
+                if token == self.eos_id {
+                    row.finished = true;
+                    continue;
+                }
+                row.generated.push(token);
+                row.finished = row.generated.len() >= row.params.max_new_tokens
+                    || row.prompt.len() + row.generated.len() >= self.context_length
+                    || (!row.params.stop.is_empty() && {
+                        let text = self.decode(&row.generated)?;
+                        row.params.stop.iter().any(|s| text.contains(s.as_str()))
+                    });
+            }
+            if rows.iter().all(|r| r.finished) {
+                return Ok(());
+            }
+            for i in 0..binding.layers {
+                for part in ["key", "value"] {
+                    let name = format!("present.{i}.{part}");
+                    past.push(outputs.remove(&name).ok_or_else(|| {
+                        BackendError::Onnx(format!("the decoder returned no '{name}'"))
+                    })?);
+                }
+            }
+            drop(outputs);
+            // Each row's next position follows its own last one.
+            let last_positions: Vec<i64> = (0..batch)
+                .map(|r| positions[r * step_width + step_width - 1])
+                .collect();
+            positions = last_positions.iter().map(|p| p + 1).collect();
+            input_ids = next;
+            step_width = 1;
+            attended += 1;
+            mask = mask
+                .chunks(attended - 1)
+                .flat_map(|row| row.iter().copied().chain(std::iter::once(1)))
+                .collect();
+        }
+    }
+}
+
+/// A prompt on its way through the decode loop.
+struct Row<'p> {
+    /// Index of the request this prompt came from.
+    request: usize,
+    prompt: Vec<i64>,
+    params: &'p GenerationParams,
+    rng: Rng,
+    generated: Vec<i64>,
+    finished: bool,
+}
+
+/// The text before the first stop string.
+fn cut_at_stop<'t>(text: &'t str, stop: &[String]) -> &'t str {
+    let end = stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
+/// A seed for requests that give none: time and a counter, so two requests differ.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, ParameterValue)]) -> Result<GenerationParams, BackendError> {
+        let pairs: Vec<(String, ParameterValue)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        GenerationParams::default().with_request(&pairs, 128)
+    }
+
+    #[test]
+    fn request_parameters_override_defaults() {
+        let p = params(&[
+            ("max_new_tokens", ParameterValue::Int(7)),
+            ("temperature", ParameterValue::Double(0.5)),
+            ("do_sample", ParameterValue::Bool(false)),
+            ("seed", ParameterValue::Int(42)),
+            ("stop", ParameterValue::String(r#"["\n", "."]"#.into())),
+            ("binary_data_output", ParameterValue::Bool(true)),
+        ])
+        .expect("valid");
+        assert_eq!(p.max_new_tokens, 7);
+        assert_eq!(p.temperature, 0.5);
+        assert!(!p.do_sample);
+        assert_eq!(p.seed, Some(42));
+        assert_eq!(p.stop, vec!["\n".to_string(), ".".to_string()]);
+        assert_eq!(
+            params(&[("stop", ParameterValue::String("END".into()))])
+                .expect("valid")
+                .stop,
+            vec!["END"]
+        );
+    }
+
+    #[test]
+    fn invalid_parameters_are_named() {
+        let cases = [
+            (
+                "temperature",
+                ParameterValue::Double(-1.0),
+                "'temperature' must be a number > 0",
+            ),
+            (
+                "temperature",
+                ParameterValue::Double(f64::NAN),
+                "'temperature' must be a number > 0",
+            ),
+            (
+                "top_p",
+                ParameterValue::Double(1.5),
+                "'top_p' must be in (0, 1]",
+            ),
+            (
+                "top_p",
+                ParameterValue::Double(0.0),
+                "'top_p' must be in (0, 1]",
+            ),
+            (
+                "max_new_tokens",
+                ParameterValue::Int(1_000_000),
+                "'max_new_tokens' must be between 1",
+            ),
+            (
+                "max_new_tokens",
+                ParameterValue::Int(-5),
+                "'max_new_tokens' must be a positive integer",
+            ),
+            (
+                "top_k",
+                ParameterValue::String("many".into()),
+                "'top_k' must be an integer >= 0",
+            ),
+            (
+                "do_sample",
+                ParameterValue::Int(3),
+                "'do_sample' must be true or false",
+            ),
+            (
+                "repetition_penalty",
+                ParameterValue::Double(0.0),
+                "'repetition_penalty' must be a number > 0",
+            ),
+            (
+                "stop",
+                ParameterValue::String("[1, 2]".into()),
+                "'stop' must be a string or a JSON list",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let error = params(&[(key, value)]).expect_err(key).to_string();
+            assert!(
+                error.contains(expected),
+                "{error} should contain {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_defaults_are_strings_and_seed_is_per_request() {
+        let config: BTreeMap<String, String> = [("max_new_tokens", "12"), ("do_sample", "false")]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into();
+        let p = GenerationParams::from_config(&config, 128).expect("valid");
+        assert_eq!(
+            (p.max_new_tokens, p.do_sample, p.temperature),
+            (12, false, 0.7)
+        );
+        let config: BTreeMap<String, String> = [("seed".to_string(), "1".to_string())].into();
+        assert!(GenerationParams::from_config(&config, 128).is_err());
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_after_repetition_penalty() {
+        let greedy = GenerationParams {
+            do_sample: false,
+            repetition_penalty: 4.0,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(0);
+        // Token 0 leads but was seen: 4.0 / 4 = 1.0 < 3.0.
+        assert_eq!(
+            choose_token(&mut [4.0, 3.0, -1.0], &[0], &greedy, &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn sampling_respects_top_k_top_p_and_the_seed() {
+        let logits = [2.0f32, 1.9, 1.8, -5.0, 0.5];
+        let draw = |p: &GenerationParams, seed| {
+            let mut rng = Rng::new(seed);
+            (0..200)
+                .map(|_| choose_token(&mut logits.to_vec(), &[], p, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        let top_k = GenerationParams {
+            top_k: 2,
+            temperature: 1.0,
+            ..Default::default()
+        };
+        assert!(draw(&top_k, 1).iter().all(|&t| t == 0 || t == 1));
+        let top_p = GenerationParams {
+            top_p: 0.3,
+            temperature: 1.0,
+            ..Default::default()
+        };
+        // Token 0 alone has probability ≈ 0.36 ≥ 0.3.
+        assert!(draw(&top_p, 2).iter().all(|&t| t == 0));
+        let free = GenerationParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(draw(&free, 7), draw(&free, 7), "same seed, same tokens");
+        assert_ne!(draw(&free, 7), draw(&free, 8));
+        let seen: HashSet<usize> = draw(&free, 3).into_iter().collect();
+        assert!(seen.len() >= 3, "sampling explores: {seen:?}");
+    }
+
+    #[test]
+    fn output_stops_before_the_first_stop_string() {
+        assert_eq!(
+            cut_at_stop("one. two\nthree", &["\n".into(), ".".into()]),
+            "one"
+        );
+        assert_eq!(cut_at_stop("no stop", &["END".into()]), "no stop");
+    }
+}

@@ -1,0 +1,153 @@
+//! One enum over the tasks, so the execute loop in `model.rs` stays task-agnostic.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ort::session::Session;
+
+use crate::config::{EOS_TOKEN, ModelConfig, ModelSettings, TaskKind};
+use crate::error::BackendError;
+use crate::generation::{
+    DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationRequest, Generator,
+};
+use crate::pipeline::{
+    Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
+};
+use crate::tokenize::{DEFAULT_MAX_SEQUENCE_LENGTH, TextEncoder, load_tokenizer};
+use crate::triton::{InputTensor, ParameterValue};
+
+const GENERATION_INPUTS: &[Contract] = &[Contract {
+    name: TEXT_INPUT,
+    data_type: "TYPE_STRING",
+    required: true,
+}];
+const GENERATION_OUTPUTS: &[Contract] = &[Contract {
+    name: GENERATED_TEXT,
+    data_type: "TYPE_STRING",
+    required: true,
+}];
+
+/// The model logic of a loaded model version.
+pub enum TaskLogic {
+    Encoder(Pipeline),
+    Generation(Generator),
+}
+
+/// How one instance's session feeds its task.
+pub enum TaskBinding {
+    Encoder(SessionBinding),
+    Generation(DecoderBinding),
+}
+
+/// One request, validated for its task.
+pub enum TaskRequest {
+    Encoder(PreparedRequest),
+    Generation(GenerationRequest),
+}
+
+impl TaskRequest {
+    /// Sequences this request adds to the batch.
+    pub fn rows(&self) -> usize {
+        match self {
+            TaskRequest::Encoder(request) => request.rows(),
+            TaskRequest::Generation(request) => request.rows(),
+        }
+    }
+}
+
+fn mismatch() -> BackendError {
+    BackendError::Onnx("a request was prepared for another task".into())
+}
+
+impl TaskLogic {
+    pub fn new(
+        config: &ModelConfig,
+        settings: &ModelSettings,
+        tokenizer_path: &Path,
+    ) -> Result<Self, BackendError> {
+        if settings.task != TaskKind::TextGeneration {
+            let text = TextEncoder::from_file(
+                tokenizer_path,
+                settings.max_sequence_length,
+                settings.pad_token.as_deref(),
+            )?;
+            return Ok(TaskLogic::Encoder(Pipeline::new(config, settings, text)?));
+        }
+        let task = settings.task.name();
+        check_contracts("input", &config.inputs, GENERATION_INPUTS, task)?;
+        check_contracts("output", &config.outputs, GENERATION_OUTPUTS, task)?;
+        let context_length = settings
+            .max_sequence_length
+            .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+        let defaults = GenerationParams::from_config(&config.parameters, context_length)?;
+        let eos_token = config.parameters.get(EOS_TOKEN).map(String::as_str);
+        Ok(TaskLogic::Generation(Generator::new(
+            load_tokenizer(tokenizer_path)?,
+            eos_token,
+            context_length,
+            defaults,
+        )?))
+    }
+
+    pub fn bind(&self, session: &Session) -> Result<TaskBinding, BackendError> {
+        Ok(match self {
+            TaskLogic::Encoder(pipeline) => TaskBinding::Encoder(pipeline.bind_session(session)?),
+            TaskLogic::Generation(_) => TaskBinding::Generation(DecoderBinding::new(session)?),
+        })
+    }
+
+    pub fn prepare(
+        &self,
+        mut inputs: HashMap<String, InputTensor>,
+        parameters: &[(String, ParameterValue)],
+        wanted: Vec<String>,
+    ) -> Result<TaskRequest, BackendError> {
+        match self {
+            TaskLogic::Encoder(pipeline) => {
+                Ok(TaskRequest::Encoder(pipeline.prepare(inputs, wanted)?))
+            }
+            TaskLogic::Generation(generator) => {
+                let text = inputs.remove(TEXT_INPUT).ok_or_else(|| {
+                    BackendError::InvalidInput(format!("input '{TEXT_INPUT}' is required"))
+                })?;
+                Ok(TaskRequest::Generation(
+                    generator.prepare(&text, parameters)?,
+                ))
+            }
+        }
+    }
+
+    /// Runs all requests of one execution as one batch; long-running tasks stop work
+    /// for requests that `is_cancelled(i)` reports.
+    pub fn run(
+        &self,
+        session: &mut Session,
+        binding: &TaskBinding,
+        requests: Vec<TaskRequest>,
+        is_cancelled: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
+        match (self, binding) {
+            (TaskLogic::Encoder(pipeline), TaskBinding::Encoder(binding)) => {
+                let requests = requests
+                    .into_iter()
+                    .map(|r| match r {
+                        TaskRequest::Encoder(r) => Ok(r),
+                        TaskRequest::Generation(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                pipeline.run(session, binding, &requests)
+            }
+            (TaskLogic::Generation(generator), TaskBinding::Generation(binding)) => {
+                let requests = requests
+                    .into_iter()
+                    .map(|r| match r {
+                        TaskRequest::Generation(r) => Ok(r),
+                        TaskRequest::Encoder(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                generator.run(session, binding, &requests, is_cancelled)
+            }
+            _ => Err(mismatch()),
+        }
+    }
+}
