@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
+from clients import Clients, from_json_tensor, infer_path, json_tensor
 from conftest import MODEL_REPOSITORY, load_reference
 
 CLASSIFIER = "sentiment-classifier"
@@ -68,93 +67,9 @@ def id_inputs(refs: list[dict]) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-# --- the three protocols: inputs and outputs are numpy arrays (BYTES as str objects) ---
-
-
-def infer_path(model: str, version: str | None) -> str:
-    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
-
-
-def _json_tensor(name: str, array: np.ndarray) -> dict:
-    datatype = "BYTES" if array.dtype == object else "INT64"
-    return {
-        "name": name,
-        "shape": list(array.shape),
-        "datatype": datatype,
-        "data": array.flatten().tolist(),
-    }
-
-
-def _from_json_tensor(output: dict) -> np.ndarray:
-    dtype = object if output["datatype"] == "BYTES" else np.float32
-    return np.array(output["data"], dtype=dtype).reshape(output["shape"])
-
-
-def _decoded(array: np.ndarray) -> np.ndarray:
-    if array.dtype == object:
-        return np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
-    return array
-
-
-def _datatype(array: np.ndarray) -> str:
-    return "BYTES" if array.dtype == object else "INT64"
-
-
-class Clients:
-    """One server's HTTP (JSON and binary) and gRPC clients behind a single `infer`."""
-
-    def __init__(self, server):
-        self.server = server
-        self.http = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
-        self.grpc = grpcclient.InferenceServerClient(server.grpc_url)
-
-    def close(self) -> None:
-        self.http.close()
-        self.grpc.close()
-
-    def infer(self, protocol, model, version, inputs, outputs=None) -> dict[str, np.ndarray]:
-        """Runs one request; returns its outputs by name. `version=None`: unversioned."""
-        return getattr(self, f"_infer_{protocol}")(model, version, inputs, outputs)
-
-    def _infer_json(self, model, version, inputs, outputs):
-        body = {"inputs": [_json_tensor(name, array) for name, array in inputs.items()]}
-        if outputs is not None:
-            body["outputs"] = [{"name": name} for name in outputs]
-        response = self.server.post(infer_path(model, version), body)
-        assert response.status_code == 200, response.text[:2000]
-        result = response.json()
-        assert result["model_name"] == model
-        if version:
-            assert result["model_version"] == version
-        return {output["name"]: _from_json_tensor(output) for output in result["outputs"]}
-
-    def _infer_binary(self, model, version, inputs, outputs):
-        return self._infer_client(httpclient, self.http, model, version, inputs, outputs)
-
-    def _infer_grpc(self, model, version, inputs, outputs):
-        return self._infer_client(grpcclient, self.grpc, model, version, inputs, outputs)
-
-    @staticmethod
-    def _infer_client(module, client, model, version, inputs, outputs):
-        # The HTTP client sends and receives every tensor in the binary extension.
-        binary = {"binary_data": True} if module is httpclient else {}
-        tensors = []
-        for name, array in inputs.items():
-            tensor = module.InferInput(name, list(array.shape), _datatype(array))
-            tensor.set_data_from_numpy(array, **binary)
-            tensors.append(tensor)
-        names = outputs if outputs is not None else OUTPUTS[model]
-        requested = [module.InferRequestedOutput(name, **binary) for name in names]
-        result = client.infer(model, tensors, model_version=version or "", outputs=requested)
-        response = result.get_response()
-        returned = response["outputs"] if module is httpclient else response.outputs
-        names = [o["name"] if module is httpclient else o.name for o in returned]
-        return {name: _decoded(result.as_numpy(name)) for name in names}
-
-
 @pytest.fixture(scope="module")
 def clients(server):
-    c = Clients(server)
+    c = Clients(server, OUTPUTS)
     yield c
     c.close()
 
@@ -225,7 +140,7 @@ def test_seed_payload_answers_with_latest_version(server):
     assert response.status_code == 200, response.text
     latest = latest_version(CLASSIFIER)
     assert response.json()["model_version"] == latest
-    outputs = {o["name"]: _from_json_tensor(o) for o in response.json()["outputs"]}
+    outputs = {o["name"]: from_json_tensor(o) for o in response.json()["outputs"]}
     assert set(outputs) == set(OUTPUTS[CLASSIFIER])
     (ref,) = [r for r in cases(CLASSIFIER, latest) if r["text"] == "This is a great day!"]
     assert_matches(CLASSIFIER, outputs, [ref])
@@ -458,11 +373,11 @@ def concurrent_requests(server, model: str, version: str, refs: list[dict], requ
     barrier = threading.Barrier(len(batches))
 
     def send(batch):
-        body = {"inputs": [_json_tensor("text_input", texts_of(batch).reshape(-1, 1))]}
+        body = {"inputs": [json_tensor("text_input", texts_of(batch).reshape(-1, 1))]}
         barrier.wait()
         response = server.post(infer_path(model, version), body)
         assert response.status_code == 200, response.text[:2000]
-        return {o["name"]: _from_json_tensor(o) for o in response.json()["outputs"]}
+        return {o["name"]: from_json_tensor(o) for o in response.json()["outputs"]}
 
     with ThreadPoolExecutor(len(batches)) as pool:
         results = list(pool.map(send, batches))

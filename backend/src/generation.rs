@@ -618,11 +618,17 @@ impl Generator {
                 }
             }
             drop(outputs);
-            // Each row's next position follows its own last one.
-            let last_positions: Vec<i64> = (0..batch)
-                .map(|r| positions[r * step_width + step_width - 1])
+            // Each active row's next position follows its own last one. A finished row
+            // only rides along (its logits are ignored) and keeps its position, which
+            // must stay inside the model's position table.
+            positions = rows
+                .iter()
+                .enumerate()
+                .map(|(r, row)| {
+                    let last = positions[r * step_width + step_width - 1];
+                    if row.finished { last } else { last + 1 }
+                })
                 .collect();
-            positions = last_positions.iter().map(|p| p + 1).collect();
             input_ids = next;
             step_width = 1;
             attended += 1;
