@@ -59,7 +59,7 @@ for model, body in samples:
     for output in answer.get("outputs", []):
         if len(output["data"]) > 8:
             output["data"] = output["data"][:8] + ["..."]
-    print(json.dumps(answer, indent=2))
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
     response.raise_for_status()
 PY
 
