@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
-use crate::pipeline::{OutputTensor, TEXT_INPUT};
+use crate::pipeline::{OutputTensor, read_texts};
 use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
 
@@ -63,9 +63,7 @@ pub const GENERATION_PARAMETERS: &[&str] = &[
 ];
 
 fn invalid(key: &str, expected: &str, value: &ParameterValue) -> BackendError {
-    BackendError::InvalidInput(format!(
-        "parameter '{key}' must be {expected}, got {value:?}"
-    ))
+    BackendError::InvalidInput(format!("parameter '{key}' must be {expected}, got {value}"))
 }
 
 fn as_f64(key: &str, expected: &str, value: &ParameterValue) -> Result<f64, BackendError> {
@@ -231,14 +229,14 @@ impl Rng {
 /// same settings: repetition penalty, then greedy, or temperature, top-k, top-p and a draw.
 pub fn choose_token(
     logits: &mut [f32],
-    history: &[i64],
+    history: impl IntoIterator<Item = i64>,
     params: &GenerationParams,
     rng: &mut Rng,
 ) -> usize {
     if params.repetition_penalty != 1.0 {
         let seen: HashSet<usize> = history
-            .iter()
-            .filter_map(|&t| usize::try_from(t).ok())
+            .into_iter()
+            .filter_map(|t| usize::try_from(t).ok())
             .collect();
         for token in seen {
             if let Some(logit) = logits.get_mut(token) {
@@ -418,14 +416,7 @@ impl Generator {
         text: &InputTensor,
         parameters: &[(String, ParameterValue)],
     ) -> Result<GenerationRequest, BackendError> {
-        if text.datatype != DataType::Bytes {
-            return Err(BackendError::InvalidInput(format!(
-                "input '{TEXT_INPUT}' must be BYTES, not {}",
-                text.datatype.name()
-            )));
-        }
-        let count = crate::pipeline::element_count(TEXT_INPUT, &text.shape)?;
-        let prompts = bytes_tensor::decode_texts(TEXT_INPUT, &text.data, count)?;
+        let prompts = read_texts(text)?;
         if prompts.is_empty() {
             return Err(BackendError::InvalidInput(
                 "the request holds no prompt".into(),
@@ -590,9 +581,12 @@ impl Generator {
                 }
                 let start = (r * step_width + step_width - 1) * vocab;
                 let mut row_logits = logits[start..start + vocab].to_vec();
-                let history: Vec<i64> = row.prompt.iter().chain(&row.generated).copied().collect();
-                let token =
-                    choose_token(&mut row_logits, &history, row.params, &mut row.rng) as i64;
+                let token = choose_token(
+                    &mut row_logits,
+                    row.prompt.iter().chain(&row.generated).copied(),
+                    row.params,
+                    &mut row.rng,
+                ) as i64;
                 next.push(token);
                 if token == self.eos_id {
                     row.finished = true;
@@ -797,7 +791,7 @@ mod tests {
         let mut rng = Rng::new(0);
         // Token 0 leads but was seen: 4.0 / 4 = 1.0 < 3.0.
         assert_eq!(
-            choose_token(&mut [4.0, 3.0, -1.0], &[0], &greedy, &mut rng),
+            choose_token(&mut [4.0, 3.0, -1.0], [0], &greedy, &mut rng),
             1
         );
     }
@@ -808,7 +802,7 @@ mod tests {
         let draw = |p: &GenerationParams, seed| {
             let mut rng = Rng::new(seed);
             (0..200)
-                .map(|_| choose_token(&mut logits.to_vec(), &[], p, &mut rng))
+                .map(|_| choose_token(&mut logits.to_vec(), [], p, &mut rng))
                 .collect::<Vec<_>>()
         };
         let top_k = GenerationParams {

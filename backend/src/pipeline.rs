@@ -339,15 +339,7 @@ impl Pipeline {
     }
 
     fn prepare_texts(&self, input: &InputTensor) -> Result<TokenizedTexts, BackendError> {
-        if input.datatype != DataType::Bytes {
-            return Err(BackendError::InvalidInput(format!(
-                "input '{TEXT_INPUT}' must be BYTES, not {}",
-                input.datatype.name()
-            )));
-        }
-        let count = element_count(TEXT_INPUT, &input.shape)?;
-        let texts = bytes_tensor::decode_texts(TEXT_INPUT, &input.data, count)?;
-        let rows = texts
+        let rows = read_texts(input)?
             .iter()
             .map(|text| self.text.encode(text))
             .collect::<Result<Vec<_>, _>>()?;
@@ -432,14 +424,15 @@ impl Pipeline {
             .iter()
             .flat_map(|r| r.rows.iter().cloned())
             .collect();
-        let batch = pad_batch(&rows, self.text.pad_id());
+        let mut batch = pad_batch(&rows, self.text.pad_id());
         let shape = [batch.batch as i64, batch.sequence as i64];
         let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
         for (name, role) in &binding.inputs {
+            // The mask is read again for pooling; ids and type ids are moved out.
             let values = match role {
-                GraphInput::InputIds => batch.ids.clone(),
+                GraphInput::InputIds => std::mem::take(&mut batch.ids),
                 GraphInput::AttentionMask => batch.attention_mask.clone(),
-                GraphInput::TokenTypeIds => batch.type_ids.clone(),
+                GraphInput::TokenTypeIds => std::mem::take(&mut batch.type_ids),
             };
             feeds.push((
                 Cow::Borrowed(name.as_str()),
@@ -608,8 +601,20 @@ fn static_last_dim(session: &Session, output: &str) -> Option<usize> {
     }
 }
 
+/// The texts of a `text_input` tensor: BYTES, one non-empty UTF-8 text per element.
+pub(crate) fn read_texts(input: &InputTensor) -> Result<Vec<String>, BackendError> {
+    if input.datatype != DataType::Bytes {
+        return Err(BackendError::InvalidInput(format!(
+            "input '{TEXT_INPUT}' must be BYTES, not {}",
+            input.datatype.name()
+        )));
+    }
+    let count = element_count(TEXT_INPUT, &input.shape)?;
+    bytes_tensor::decode_texts(TEXT_INPUT, &input.data, count)
+}
+
 /// Number of elements of a request shape; every dimension must be non-negative.
-pub(crate) fn element_count(name: &str, shape: &[i64]) -> Result<usize, BackendError> {
+fn element_count(name: &str, shape: &[i64]) -> Result<usize, BackendError> {
     shape.iter().try_fold(1usize, |acc, &d| {
         usize::try_from(d)
             .ok()

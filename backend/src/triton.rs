@@ -893,6 +893,18 @@ pub enum ParameterValue {
     Other,
 }
 
+impl fmt::Display for ParameterValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParameterValue::String(text) => write!(f, "{text:?}"),
+            ParameterValue::Int(value) => write!(f, "{value}"),
+            ParameterValue::Bool(value) => write!(f, "{value}"),
+            ParameterValue::Double(value) => write!(f, "{value}"),
+            ParameterValue::Other => f.write_str("a non-scalar value"),
+        }
+    }
+}
+
 /// One input tensor copied into host memory.
 #[derive(Debug, Clone)]
 pub struct InputTensor {
