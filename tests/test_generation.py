@@ -501,6 +501,16 @@ def test_no_prompt_and_wrong_inputs(server):
     assert server.post(infer_path("1"), {"inputs": [wrong_name]}).status_code == 400
 
 
+def test_prompts_per_request_are_capped(server):
+    """Each prompt costs its own KV cache: a request may hold 64 (the default of
+    parameter max_prompts_per_request), not more."""
+    assert len(generate(server, ["Hi"] * 64, "1", max_new_tokens=1)) == 64
+    assert_error(
+        generate_request(server, ["Hi"] * 65, "1", max_new_tokens=1),
+        "65 prompts", "at most 64", "max_prompts_per_request",
+    )
+
+
 def test_serves_after_bad_requests(server):
     """Every bad request above left the model answering correctly."""
     for version in VERSIONS:
@@ -585,11 +595,13 @@ def test_statistics(server):
     while True:  # statistics are reported just after the response is sent
         after = model_stats(server, "1")
         done = successes(after) - successes(before)
-        if done >= 3 or time.monotonic() > deadline:
+        failed = (
+            after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"]
+        )
+        if (done >= 3 and failed >= 1) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert done == 3
     assert after["inference_count"] - before["inference_count"] == 3
     assert after["execution_count"] - before["execution_count"] == 3
-    failed = after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"]
     assert failed == 1

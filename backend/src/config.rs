@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::error::BackendError;
-use crate::generation::GENERATION_PARAMETERS;
+use crate::generation::{GENERATION_PARAMETERS, MAX_PROMPTS};
 
 /// An input or output declared in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct ModelConfig {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub parameters: BTreeMap<String, String>,
+    /// `model_transaction_policy { decoupled: true }`: responses stream.
+    pub decoupled: bool,
 }
 
 fn config_error(message: impl Into<String>) -> BackendError {
@@ -110,12 +112,17 @@ impl ModelConfig {
                 parameters.insert(key.clone(), text.to_owned());
             }
         }
+        let decoupled = config
+            .pointer("/model_transaction_policy/decoupled")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(ModelConfig {
             name,
             max_batch_size,
             inputs: parse_tensors(&config, "input")?,
             outputs: parse_tensors(&config, "output")?,
             parameters,
+            decoupled,
         })
     }
 
@@ -162,7 +169,8 @@ impl TaskKind {
 }
 
 /// Parameter names this backend accepts in `config.pbtxt`, besides the generation
-/// defaults ([`GENERATION_PARAMETERS`]) and `eos_token` of `text-generation` models.
+/// defaults ([`GENERATION_PARAMETERS`]), `eos_token` and `max_prompts_per_request` of
+/// `text-generation` models.
 pub const KNOWN_PARAMETERS: &[&str] = &[
     "task",
     "max_sequence_length",
@@ -206,14 +214,15 @@ fn positive_int(
 
 impl ModelSettings {
     pub fn from_parameters(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError> {
-        let is_generation_setting =
-            |key: &str| key == EOS_TOKEN || GENERATION_PARAMETERS.contains(&key);
+        let is_generation_setting = |key: &str| {
+            key == EOS_TOKEN || key == MAX_PROMPTS || GENERATION_PARAMETERS.contains(&key)
+        };
         if let Some(unknown) = parameters
             .keys()
             .find(|key| !KNOWN_PARAMETERS.contains(&key.as_str()) && !is_generation_setting(key))
         {
             return Err(config_error(format!(
-                "unknown parameter '{unknown}'; known parameters: {}, and for text-generation {}, {EOS_TOKEN}",
+                "unknown parameter '{unknown}'; known parameters: {}, and for text-generation {}, {EOS_TOKEN}, {MAX_PROMPTS}",
                 KNOWN_PARAMETERS.join(", "),
                 GENERATION_PARAMETERS.join(", ")
             )));

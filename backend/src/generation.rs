@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, ValueType};
-use tokenizers::Tokenizer;
+use tokenizers::{
+    DecodeStream, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer,
+};
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
@@ -16,6 +19,14 @@ use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
 
 pub const GENERATED_TEXT: &str = "generated_text";
+/// Output of decoupled (streaming) models, in the common LLM convention.
+pub const TEXT_OUTPUT: &str = "text_output";
+/// Optional BOOL input of decoupled models: false asks for one response, not a stream.
+pub const STREAM_INPUT: &str = "stream";
+/// Config parameter: how many prompts one request may hold.
+pub const MAX_PROMPTS: &str = "max_prompts_per_request";
+/// The default of [`MAX_PROMPTS`]: each prompt costs its own KV cache.
+pub const DEFAULT_MAX_PROMPTS: usize = 64;
 
 /// Sampling settings of one request: config defaults, overridden per request.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,18 +377,37 @@ impl DecoderBinding {
     }
 }
 
+/// How a model answers: one response per request, or a stream of responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseMode {
+    /// `generated_text`: each prompt followed by its continuation, in one response.
+    Whole,
+    /// Decoupled models: `text_output` pieces as they are decoded, then a final one.
+    Decoupled,
+}
+
 /// One request's prompts and settings, validated.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     prompts: Vec<String>,
     text_shape: Vec<i64>,
     params: GenerationParams,
+    /// Send text pieces as they come (decoupled models only).
+    stream: bool,
 }
 
 impl GenerationRequest {
     pub fn rows(&self) -> usize {
         self.prompts.len()
     }
+}
+
+/// What the decode loop needs from whoever runs it.
+pub trait GenerationProgress {
+    /// Whether request `request` was cancelled; its prompts stop at once.
+    fn is_cancelled(&self, request: usize) -> bool;
+    /// Hands a streaming request its newest text; false when it cannot take more.
+    fn send_partial(&mut self, request: usize, outputs: Vec<OutputTensor>) -> bool;
 }
 
 /// The text-generation task shared by all instances of a model.
@@ -387,6 +417,8 @@ pub struct Generator {
     /// Positions the model can attend to: prompt plus new tokens never exceed it.
     context_length: usize,
     defaults: GenerationParams,
+    mode: ResponseMode,
+    max_prompts: usize,
 }
 
 impl Generator {
@@ -395,11 +427,13 @@ impl Generator {
         eos_token: Option<&str>,
         context_length: usize,
         defaults: GenerationParams,
+        mode: ResponseMode,
+        max_prompts: usize,
     ) -> Result<Self, BackendError> {
         let eos_token = eos_token.unwrap_or("<|endoftext|>");
         let eos_id = tokenizer.token_to_id(eos_token).map(i64::from).ok_or_else(|| {
             BackendError::Config(format!(
-                "the end-of-text token '{eos_token}' is not in the tokenizer; set parameter 'pad_token'"
+                "the end-of-text token '{eos_token}' is not in the tokenizer; set parameter 'eos_token'"
             ))
         })?;
         Ok(Generator {
@@ -407,13 +441,16 @@ impl Generator {
             eos_id,
             context_length,
             defaults,
+            mode,
+            max_prompts,
         })
     }
 
-    /// Validates one request: its texts and its generation parameters.
+    /// Validates one request: its texts, its `stream` flag and its generation parameters.
     pub fn prepare(
         &self,
         text: &InputTensor,
+        stream: Option<&InputTensor>,
         parameters: &[(String, ParameterValue)],
     ) -> Result<GenerationRequest, BackendError> {
         let prompts = read_texts(text)?;
@@ -422,6 +459,33 @@ impl Generator {
                 "the request holds no prompt".into(),
             ));
         }
+        if prompts.len() > self.max_prompts {
+            return Err(BackendError::InvalidInput(format!(
+                "the request holds {} prompts; this model takes at most {} per request \
+                 (parameter '{MAX_PROMPTS}')",
+                prompts.len(),
+                self.max_prompts
+            )));
+        }
+        // The `stream` input wins over a `stream` request parameter (the older convention).
+        let wanted = match stream {
+            Some(flag) => Some(read_stream_flag(flag)?),
+            None => parameters
+                .iter()
+                .find(|(key, _)| key == STREAM_INPUT)
+                .map(|(key, value)| as_bool(key, value))
+                .transpose()?,
+        };
+        let stream = match (self.mode, wanted) {
+            (ResponseMode::Whole, Some(true)) => {
+                return Err(BackendError::InvalidInput(format!(
+                    "this model answers with one response; '{STREAM_INPUT}' needs a decoupled \
+                     model (e.g. gpt2-small-stream)"
+                )));
+            }
+            (ResponseMode::Whole, _) => false,
+            (ResponseMode::Decoupled, wanted) => wanted.unwrap_or(true),
+        };
         let params = self
             .defaults
             .with_request(parameters, self.context_length)?;
@@ -429,6 +493,7 @@ impl Generator {
             prompts,
             text_shape: text.shape.clone(),
             params,
+            stream,
         })
     }
 
@@ -453,14 +518,15 @@ impl Generator {
             .map_err(|e| BackendError::Tokenizer(e.to_string()))
     }
 
-    /// Generates for every prompt of every request in one batch. `is_cancelled(i)` is
-    /// asked before each step: the rows of a cancelled request stop at once.
+    /// Generates for every prompt of every request in one batch. Streaming requests
+    /// get their text through `progress` as it is decoded; the result holds each
+    /// request's final outputs (for a stream: the text not sent yet).
     pub fn run(
         &self,
         session: &mut Session,
         binding: &DecoderBinding,
         requests: &[GenerationRequest],
-        is_cancelled: &dyn Fn(usize) -> bool,
+        progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
         let mut rows = Vec::new();
         for (request_index, request) in requests.iter().enumerate() {
@@ -475,11 +541,12 @@ impl Generator {
                     params: &request.params,
                     rng: Rng::new(seed),
                     generated: Vec::new(),
+                    text: TextStream::new(&self.tokenizer),
                     finished: false,
                 });
             }
         }
-        self.decode_loop(session, binding, &mut rows, is_cancelled)?;
+        self.decode_loop(session, binding, &mut rows, requests, progress)?;
 
         let mut finished = rows.into_iter();
         let mut results = Vec::with_capacity(requests.len());
@@ -489,20 +556,57 @@ impl Generator {
                 let row = finished
                     .next()
                     .ok_or_else(|| BackendError::Onnx("a generated row went missing".into()))?;
-                let continuation = self.decode(&row.generated)?;
-                texts.push(format!(
-                    "{prompt}{}",
-                    cut_at_stop(&continuation, &request.params.stop)
-                ));
+                let full = self.decode(&row.generated)?;
+                let continuation = cut_at_stop(&full, &request.params.stop);
+                texts.push(if request.stream {
+                    row.text.unsent_part_of(continuation).to_owned()
+                } else {
+                    format!("{prompt}{continuation}")
+                });
             }
-            results.push(vec![OutputTensor {
-                name: GENERATED_TEXT,
-                datatype: DataType::Bytes,
-                shape: request.text_shape.clone(),
-                data: bytes_tensor::encode_elements(&texts),
-            }]);
+            results.push(vec![self.text_tensor(&request.text_shape, &texts)]);
         }
         Ok(results)
+    }
+
+    fn text_tensor(&self, shape: &[i64], texts: &[String]) -> OutputTensor {
+        OutputTensor {
+            name: match self.mode {
+                ResponseMode::Whole => GENERATED_TEXT,
+                ResponseMode::Decoupled => TEXT_OUTPUT,
+            },
+            datatype: DataType::Bytes,
+            shape: shape.to_vec(),
+            data: bytes_tensor::encode_elements(texts),
+        }
+    }
+
+    /// Sends each streaming request the text its prompts decoded since the last step.
+    /// A request that cannot take more text stops generating.
+    fn send_pieces(
+        &self,
+        rows: &mut [Row<'_>],
+        requests: &[GenerationRequest],
+        progress: &mut dyn GenerationProgress,
+    ) {
+        let mut first = 0;
+        for (index, request) in requests.iter().enumerate() {
+            let request_rows = &mut rows[first..first + request.rows()];
+            first += request.rows();
+            if !request.stream {
+                continue;
+            }
+            let pieces: Vec<String> = request_rows
+                .iter_mut()
+                .map(|row| row.text.take_ready(&row.params.stop))
+                .collect();
+            if pieces.iter().all(String::is_empty) {
+                continue;
+            }
+            if !progress.send_partial(index, vec![self.text_tensor(&request.text_shape, &pieces)]) {
+                request_rows.iter_mut().for_each(|row| row.finished = true);
+            }
+        }
     }
 
     fn decode_loop(
@@ -510,7 +614,8 @@ impl Generator {
         session: &mut Session,
         binding: &DecoderBinding,
         rows: &mut [Row<'_>],
-        is_cancelled: &dyn Fn(usize) -> bool,
+        requests: &[GenerationRequest],
+        progress: &mut dyn GenerationProgress,
     ) -> Result<(), BackendError> {
         let batch = rows.len();
         let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -539,7 +644,7 @@ impl Generator {
         let mut attended = width;
         loop {
             for row in rows.iter_mut().filter(|r| !r.finished) {
-                row.finished = is_cancelled(row.request);
+                row.finished = progress.is_cancelled(row.request);
             }
             if rows.iter().all(|r| r.finished) {
                 return Ok(());
@@ -593,13 +698,12 @@ impl Generator {
                     continue;
                 }
                 row.generated.push(token);
-                row.finished = row.generated.len() >= row.params.max_new_tokens
-                    || row.prompt.len() + row.generated.len() >= self.context_length
-                    || (!row.params.stop.is_empty() && {
-                        let text = self.decode(&row.generated)?;
-                        row.params.stop.iter().any(|s| text.contains(s.as_str()))
-                    });
+                let stopped = row.text.push(token, &row.params.stop)?;
+                row.finished = stopped
+                    || row.generated.len() >= row.params.max_new_tokens
+                    || row.prompt.len() + row.generated.len() >= self.context_length;
             }
+            self.send_pieces(rows, requests, progress);
             if rows.iter().all(|r| r.finished) {
                 return Ok(());
             }
@@ -634,15 +738,128 @@ impl Generator {
     }
 }
 
+/// Reads the one-element BOOL `stream` input.
+fn read_stream_flag(flag: &InputTensor) -> Result<bool, BackendError> {
+    match (flag.datatype, flag.data.as_slice()) {
+        (DataType::Bool, [value]) => Ok(*value != 0),
+        (DataType::Bool, _) => Err(BackendError::InvalidInput(format!(
+            "input '{STREAM_INPUT}' must hold one value, got shape {:?}",
+            flag.shape
+        ))),
+        (other, _) => Err(BackendError::InvalidInput(format!(
+            "input '{STREAM_INPUT}' must be BOOL, not {}",
+            other.name()
+        ))),
+    }
+}
+
 /// A prompt on its way through the decode loop.
-struct Row<'p> {
+struct Row<'g> {
     /// Index of the request this prompt came from.
     request: usize,
     prompt: Vec<i64>,
-    params: &'p GenerationParams,
+    params: &'g GenerationParams,
     rng: Rng,
     generated: Vec<i64>,
+    text: TextStream<'g>,
     finished: bool,
+}
+
+type TokenDecoder<'t> = DecodeStream<
+    't,
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// A row's continuation as text, decoded token by token so that a multi-byte character
+/// is never split, with stop strings searched only in the text each token adds.
+struct TextStream<'t> {
+    decoder: TokenDecoder<'t>,
+    text: String,
+    /// Bytes of `text` already sent to the client.
+    sent: usize,
+    /// Where the first stop string begins, once one has appeared.
+    stop_at: Option<usize>,
+}
+
+impl<'t> TextStream<'t> {
+    fn new(tokenizer: &'t Tokenizer) -> Self {
+        TextStream {
+            decoder: tokenizer.decode_stream(true),
+            text: String::new(),
+            sent: 0,
+            stop_at: None,
+        }
+    }
+
+    /// Adds one generated token; returns whether a stop string has appeared.
+    fn push(&mut self, token: i64, stop: &[String]) -> Result<bool, BackendError> {
+        let token = u32::try_from(token)
+            .map_err(|_| BackendError::Onnx(format!("the model chose token id {token}")))?;
+        let piece = self
+            .decoder
+            .step(token)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))?;
+        if let Some(piece) = piece {
+            let searched = self.text.len();
+            self.text.push_str(&piece);
+            if self.stop_at.is_none() {
+                self.stop_at = find_stop(&self.text, searched, stop);
+            }
+        }
+        Ok(self.stop_at.is_some())
+    }
+
+    /// The text that can be sent now: not sent yet, before any stop string, and not
+    /// the possible beginning of one.
+    fn take_ready(&mut self, stop: &[String]) -> String {
+        let end = self
+            .stop_at
+            .unwrap_or_else(|| self.text.len() - possible_stop_start(&self.text, stop))
+            .max(self.sent);
+        let ready = self.text[self.sent..end].to_owned();
+        self.sent = end;
+        ready
+    }
+
+    /// What `continuation` (the row's final text) adds to the text already sent.
+    fn unsent_part_of<'c>(&self, continuation: &'c str) -> &'c str {
+        continuation
+            .get(self.sent..)
+            .filter(|_| continuation.starts_with(&self.text[..self.sent]))
+            .unwrap_or_default()
+    }
+}
+
+/// Where the first stop string in `text` begins, looking only at matches that end in
+/// `text[searched..]` (earlier text was searched before).
+fn find_stop(text: &str, searched: usize, stop: &[String]) -> Option<usize> {
+    stop.iter()
+        .filter_map(|s| {
+            let mut from = searched.saturating_sub(s.len().saturating_sub(1));
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text[from..].find(s.as_str()).map(|at| from + at)
+        })
+        .min()
+}
+
+/// Length of the longest end of `text` that a stop string starts with: that text is
+/// held back until the next tokens show whether it stops the generation.
+fn possible_stop_start(text: &str, stop: &[String]) -> usize {
+    stop.iter()
+        .filter_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(|&k| k <= text.len() && s.is_char_boundary(k))
+                .find(|&k| text.ends_with(&s[..k]))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The text before the first stop string.
@@ -826,6 +1043,74 @@ mod tests {
         assert_ne!(draw(&free, 7), draw(&free, 8));
         let seen: HashSet<usize> = draw(&free, 3).into_iter().collect();
         assert!(seen.len() >= 3, "sampling explores: {seen:?}");
+    }
+
+    fn demo_tokenizer() -> Tokenizer {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../model-repository/gpt2-small/1/tokenizer.json"
+        );
+        Tokenizer::from_file(path).expect("the bundled tokenizer loads")
+    }
+
+    fn stream_pieces(tokenizer: &Tokenizer, text: &str, stop: &[String]) -> (Vec<String>, bool) {
+        let ids = tokenizer
+            .encode(text, false)
+            .expect("encodes")
+            .get_ids()
+            .to_vec();
+        let mut stream = TextStream::new(tokenizer);
+        let mut pieces = Vec::new();
+        for id in ids {
+            let stopped = stream.push(i64::from(id), stop).expect("decodes");
+            pieces.push(stream.take_ready(stop));
+            if stopped {
+                return (pieces, true);
+            }
+        }
+        (pieces, false)
+    }
+
+    #[test]
+    fn streamed_pieces_never_split_a_character() {
+        let tokenizer = demo_tokenizer();
+        let text = "Grüße aus 東京 🎉👩‍👩‍👧 naïve café";
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        // The small vocabulary spells these characters in several byte tokens.
+        assert!(ids.get_ids().len() > text.chars().count() / 2);
+        let (pieces, stopped) = stream_pieces(&tokenizer, text, &[]);
+        assert!(!stopped);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    }
+
+    #[test]
+    fn stream_holds_back_a_possible_stop_string_and_ends_before_it() {
+        let tokenizer = demo_tokenizer();
+        let stop = vec!["東京".to_string(), "xyz".to_string()];
+        let (pieces, stopped) = stream_pieces(&tokenizer, "Grüße aus 東京 und mehr", &stop);
+        assert!(stopped);
+        assert_eq!(pieces.concat(), "Grüße aus ");
+        // A text that only starts like a stop string is released once it cannot match.
+        let (pieces, stopped) = stream_pieces(&tokenizer, "abc xy z", &stop);
+        assert!(!stopped);
+        assert_eq!(pieces.concat(), "abc xy z");
+        assert!(pieces.iter().all(|p| !p.ends_with("xy")), "{pieces:?}");
+    }
+
+    #[test]
+    fn stop_search_covers_matches_across_pieces() {
+        let stop = vec!["END".to_string()];
+        assert_eq!(find_stop("the EN", 4, &stop), None);
+        assert_eq!(find_stop("the END", 6, &stop), Some(4));
+        assert_eq!(find_stop("ENDthe", 0, &stop), Some(0));
+        assert_eq!(possible_stop_start("the EN", &stop), 2);
+        assert_eq!(possible_stop_start("the E", &stop), 1);
+        assert_eq!(possible_stop_start("the", &stop), 0);
+        // Multi-byte stop strings are only cut at character boundaries.
+        let stop = vec!["é!".to_string()];
+        assert_eq!(possible_stop_start("café", &stop), "é".len());
+        assert_eq!(find_stop("caf\u{e9}!", 4, &stop), Some(3));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use ort::session::Session;
 
 use crate::config::{ModelConfig, ModelSettings};
 use crate::error::BackendError;
+use crate::generation::GenerationProgress;
 use crate::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
 use crate::pipeline::OutputTensor;
 use crate::task::{TaskBinding, TaskLogic, TaskRequest};
@@ -136,13 +137,6 @@ impl InstanceState {
     }
 }
 
-/// A request on its way through one execution. Field order matters: the response is
-/// dropped (and so answered) before the request is released.
-struct Pending {
-    response: Option<Response>,
-    request: Request,
-}
-
 /// Reads a request's inputs and requested outputs into host memory.
 fn read_request(request: &Request, model: &ModelState) -> Result<TaskRequest, Error> {
     let mut inputs = HashMap::new();
@@ -172,34 +166,24 @@ pub fn execute(
     requests: Vec<Request>,
 ) {
     let exec_start_ns = now_ns();
-    let mut batched: Vec<Pending> = Vec::with_capacity(requests.len());
+    let mut batched: Vec<Request> = Vec::with_capacity(requests.len());
     let mut prepared: Vec<TaskRequest> = Vec::with_capacity(requests.len());
-    let mut failed: Vec<(Pending, Error)> = Vec::new();
+    let mut failed: Vec<(Request, Error)> = Vec::new();
     for request in requests {
-        let response = match Response::new(&request) {
-            Ok(response) => Some(response),
-            Err(error) => {
-                log_error!(
-                    "triton-rust: cannot create a response for '{}': {error}",
-                    request.id()
-                );
-                None
-            }
-        };
-        let pending = Pending { response, request };
-        let read = catch_unwind(AssertUnwindSafe(|| read_request(&pending.request, model)))
-            .unwrap_or_else(|panic| {
+        let read = catch_unwind(AssertUnwindSafe(|| read_request(&request, model))).unwrap_or_else(
+            |panic| {
                 Err(Error::internal(format!(
                     "panic while reading the request: {}",
                     panic_message(&*panic)
                 )))
-            });
+            },
+        );
         match read {
-            Ok(request) => {
-                batched.push(pending);
-                prepared.push(request);
+            Ok(task_request) => {
+                batched.push(request);
+                prepared.push(task_request);
             }
-            Err(error) => failed.push((pending, error)),
+            Err(error) => failed.push((request, error)),
         }
     }
 
@@ -213,10 +197,16 @@ pub fn execute(
         Ok(Vec::new())
     } else {
         catch_unwind(AssertUnwindSafe(|| {
-            let is_cancelled = |i: usize| batched.get(i).is_some_and(|p| p.request.is_cancelled());
-            model
-                .task
-                .run(&mut state.session, &state.binding, prepared, &is_cancelled)
+            let mut progress = BatchProgress::new(&batched);
+            let outputs =
+                model
+                    .task
+                    .run(&mut state.session, &state.binding, prepared, &mut progress)?;
+            Ok(outputs
+                .into_iter()
+                .zip(progress.stream_errors)
+                .map(|(outputs, error)| error.map_or(Ok(outputs), Err))
+                .collect::<Vec<_>>())
         }))
         .unwrap_or_else(|panic| {
             Err(BackendError::Onnx(format!(
@@ -227,30 +217,30 @@ pub fn execute(
     };
     let compute_end_ns = now_ns();
 
-    let mut finished: Vec<(Pending, Result<Vec<OutputTensor>, Error>)> = Vec::new();
+    let mut finished: Vec<(Request, Result<Vec<OutputTensor>, Error>)> = Vec::new();
     match outcome {
         Ok(outputs) => {
-            for (pending, outputs) in batched.into_iter().zip(outputs) {
-                finished.push((pending, Ok(outputs)));
+            for (request, outputs) in batched.into_iter().zip(outputs) {
+                finished.push((request, outputs));
             }
         }
         Err(error) => {
             let error = Error::from(error);
             log_error!("triton-rust: '{}' execution failed: {error}", model.name);
-            for pending in batched {
-                finished.push((pending, Err(error.clone())));
+            for request in batched {
+                finished.push((request, Err(error.clone())));
             }
         }
     }
     finished.extend(
         failed
             .into_iter()
-            .map(|(pending, error)| (pending, Err(error))),
+            .map(|(request, error)| (request, Err(error))),
     );
 
     let answered: Vec<(Request, bool)> = finished
         .into_iter()
-        .map(|(pending, result)| answer(pending, result))
+        .map(|(request, result)| answer(request, result))
         .collect();
     let times = ExecutionTimes {
         exec_start_ns,
@@ -271,9 +261,57 @@ pub fn execute(
     }
 }
 
+/// Lets a running batch see cancellations and stream responses to its requests.
+struct BatchProgress<'b> {
+    requests: &'b [Request],
+    /// Per request: why its stream broke off; its final response reports it.
+    stream_errors: Vec<Option<Error>>,
+}
+
+impl<'b> BatchProgress<'b> {
+    fn new(requests: &'b [Request]) -> Self {
+        BatchProgress {
+            requests,
+            stream_errors: vec![None; requests.len()],
+        }
+    }
+
+    fn stream(request: &Request, outputs: &[OutputTensor]) -> Result<(), Error> {
+        let mut response = Response::new_partial(request)?;
+        for output in outputs {
+            response.add_output(output.name, output.datatype, &output.shape, &output.data)?;
+        }
+        response.send_partial()
+    }
+}
+
+impl GenerationProgress for BatchProgress<'_> {
+    fn is_cancelled(&self, index: usize) -> bool {
+        self.requests.get(index).is_some_and(Request::is_cancelled)
+    }
+
+    fn send_partial(&mut self, index: usize, outputs: Vec<OutputTensor>) -> bool {
+        let Some(request) = self.requests.get(index) else {
+            return false;
+        };
+        match Self::stream(request, &outputs) {
+            Ok(()) => true,
+            Err(error) => {
+                log_error!(
+                    "triton-rust: cannot stream to '{}', stopping it: {error}",
+                    request.id()
+                );
+                if let Some(slot) = self.stream_errors.get_mut(index) {
+                    *slot = Some(error);
+                }
+                false
+            }
+        }
+    }
+}
+
 /// Sends one request's outputs or error; returns the request and whether it succeeded.
-fn answer(pending: Pending, result: Result<Vec<OutputTensor>, Error>) -> (Request, bool) {
-    let Pending { response, request } = pending;
+fn answer(request: Request, result: Result<Vec<OutputTensor>, Error>) -> (Request, bool) {
     let result = if request.is_cancelled() {
         Err(Error::new(
             ErrorCode::Cancelled,
@@ -282,8 +320,15 @@ fn answer(pending: Pending, result: Result<Vec<OutputTensor>, Error>) -> (Reques
     } else {
         result
     };
-    let Some(mut response) = response else {
-        return (request, false);
+    let mut response = match Response::new(&request) {
+        Ok(response) => response,
+        Err(error) => {
+            log_error!(
+                "triton-rust: cannot create a response for '{}': {error}",
+                request.id()
+            );
+            return (request, false);
+        }
     };
     let written = result.and_then(|outputs| {
         outputs.iter().try_for_each(|output| {

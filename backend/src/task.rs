@@ -8,7 +8,8 @@ use ort::session::Session;
 use crate::config::{EOS_TOKEN, ModelConfig, ModelSettings, TaskKind};
 use crate::error::BackendError;
 use crate::generation::{
-    DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationRequest, Generator,
+    DEFAULT_MAX_PROMPTS, DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationProgress,
+    GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
 };
 use crate::pipeline::{
     Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
@@ -23,6 +24,23 @@ const GENERATION_INPUTS: &[Contract] = &[Contract {
 }];
 const GENERATION_OUTPUTS: &[Contract] = &[Contract {
     name: GENERATED_TEXT,
+    data_type: "TYPE_STRING",
+    required: true,
+}];
+const STREAMING_INPUTS: &[Contract] = &[
+    Contract {
+        name: TEXT_INPUT,
+        data_type: "TYPE_STRING",
+        required: true,
+    },
+    Contract {
+        name: STREAM_INPUT,
+        data_type: "TYPE_BOOL",
+        required: false,
+    },
+];
+const STREAMING_OUTPUTS: &[Contract] = &[Contract {
+    name: TEXT_OUTPUT,
     data_type: "TYPE_STRING",
     required: true,
 }];
@@ -74,8 +92,21 @@ impl TaskLogic {
             return Ok(TaskLogic::Encoder(Pipeline::new(config, settings, text)?));
         }
         let task = settings.task.name();
-        check_contracts("input", &config.inputs, GENERATION_INPUTS, task)?;
-        check_contracts("output", &config.outputs, GENERATION_OUTPUTS, task)?;
+        let (mode, inputs, outputs) = if config.decoupled {
+            (ResponseMode::Decoupled, STREAMING_INPUTS, STREAMING_OUTPUTS)
+        } else {
+            (ResponseMode::Whole, GENERATION_INPUTS, GENERATION_OUTPUTS)
+        };
+        check_contracts("input", &config.inputs, inputs, task)?;
+        check_contracts("output", &config.outputs, outputs, task)?;
+        let max_prompts = match config.parameters.get(MAX_PROMPTS) {
+            None => DEFAULT_MAX_PROMPTS,
+            Some(text) => text.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                BackendError::Config(format!(
+                    "parameter '{MAX_PROMPTS}' must be a positive integer, got '{text}'"
+                ))
+            })?,
+        };
         let context_length = settings
             .max_sequence_length
             .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
@@ -86,6 +117,8 @@ impl TaskLogic {
             eos_token,
             context_length,
             defaults,
+            mode,
+            max_prompts,
         )?))
     }
 
@@ -110,21 +143,24 @@ impl TaskLogic {
                 let text = inputs.remove(TEXT_INPUT).ok_or_else(|| {
                     BackendError::InvalidInput(format!("input '{TEXT_INPUT}' is required"))
                 })?;
-                Ok(TaskRequest::Generation(
-                    generator.prepare(&text, parameters)?,
-                ))
+                let stream = inputs.remove(STREAM_INPUT);
+                Ok(TaskRequest::Generation(generator.prepare(
+                    &text,
+                    stream.as_ref(),
+                    parameters,
+                )?))
             }
         }
     }
 
-    /// Runs all requests of one execution as one batch; long-running tasks stop work
-    /// for requests that `is_cancelled(i)` reports.
+    /// Runs all requests of one execution as one batch; generation stops work for
+    /// cancelled requests and streams text through `progress`.
     pub fn run(
         &self,
         session: &mut Session,
         binding: &TaskBinding,
         requests: Vec<TaskRequest>,
-        is_cancelled: &dyn Fn(usize) -> bool,
+        progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
         match (self, binding) {
             (TaskLogic::Encoder(pipeline), TaskBinding::Encoder(binding)) => {
@@ -145,7 +181,7 @@ impl TaskLogic {
                         TaskRequest::Encoder(_) => Err(mismatch()),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                generator.run(session, binding, &requests, is_cancelled)
+                generator.run(session, binding, &requests, progress)
             }
             _ => Err(mismatch()),
         }

@@ -6,6 +6,7 @@
 //! Every `TRITONSERVER_Error` that Triton returns is read and deleted here, so none
 //! leaks and no message is dropped.
 
+use std::cell::Cell;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::fmt;
 use std::ptr::{self, NonNull};
@@ -527,7 +528,7 @@ impl InstanceHandle {
         check(unsafe {
             sys::TRITONBACKEND_ModelInstanceReportStatistics(
                 self.0.as_ptr(),
-                request.0.as_ptr(),
+                request.raw.as_ptr(),
                 success,
                 times.exec_start_ns,
                 times.compute_start_ns,
@@ -648,8 +649,13 @@ impl DataType {
 /// An inference request handed to the backend by `ModelInstanceExecute`.
 ///
 /// Owning: dropping it releases the request back to Triton, so every path releases
-/// each request exactly once.
-pub struct Request(NonNull<sys::TRITONBACKEND_Request>);
+/// each request exactly once, and answers it with an error first if nothing created
+/// its final response.
+pub struct Request {
+    raw: NonNull<sys::TRITONBACKEND_Request>,
+    /// Whether its final response exists (that response answers it, even when dropped).
+    has_final_response: Cell<bool>,
+}
 
 impl Request {
     /// # Safety
@@ -657,7 +663,10 @@ impl Request {
     /// and wrapped only once.
     pub unsafe fn from_raw(raw: *mut sys::TRITONBACKEND_Request) -> Result<Self> {
         NonNull::new(raw)
-            .map(Request)
+            .map(|raw| Request {
+                raw,
+                has_final_response: Cell::new(false),
+            })
             .ok_or_else(|| Error::internal("Triton passed a null request"))
     }
 
@@ -665,7 +674,7 @@ impl Request {
     pub fn id(&self) -> String {
         let mut id = ptr::null();
         // SAFETY: the request is live; `id` is a valid out-pointer.
-        match check(unsafe { sys::TRITONBACKEND_RequestId(self.0.as_ptr(), &mut id) }) {
+        match check(unsafe { sys::TRITONBACKEND_RequestId(self.raw.as_ptr(), &mut id) }) {
             // SAFETY: a NUL-terminated string live while the request is.
             Ok(()) => unsafe { copy_c_str(id) },
             Err(_) => String::new(),
@@ -678,7 +687,7 @@ impl Request {
         let mut cancelled = false;
         // SAFETY: the request is live; `cancelled` is a valid out-pointer.
         let result = check(unsafe {
-            sys::TRITONBACKEND_RequestIsCancelled(self.0.as_ptr(), &mut cancelled)
+            sys::TRITONBACKEND_RequestIsCancelled(self.raw.as_ptr(), &mut cancelled)
         });
         result.is_ok() && cancelled
     }
@@ -687,13 +696,13 @@ impl Request {
     pub fn input_names(&self) -> Result<Vec<String>> {
         let mut count = 0u32;
         // SAFETY: the request is live; `count` is a valid out-pointer.
-        check(unsafe { sys::TRITONBACKEND_RequestInputCount(self.0.as_ptr(), &mut count) })?;
+        check(unsafe { sys::TRITONBACKEND_RequestInputCount(self.raw.as_ptr(), &mut count) })?;
         (0..count)
             .map(|index| {
                 let mut name = ptr::null();
                 // SAFETY: `index` < count; `name` is a valid out-pointer.
                 check(unsafe {
-                    sys::TRITONBACKEND_RequestInputName(self.0.as_ptr(), index, &mut name)
+                    sys::TRITONBACKEND_RequestInputName(self.raw.as_ptr(), index, &mut name)
                 })?;
                 // SAFETY: a NUL-terminated string live while the request is.
                 Ok(unsafe { copy_c_str(name) })
@@ -705,13 +714,13 @@ impl Request {
     pub fn requested_output_names(&self) -> Result<Vec<String>> {
         let mut count = 0u32;
         // SAFETY: the request is live; `count` is a valid out-pointer.
-        check(unsafe { sys::TRITONBACKEND_RequestOutputCount(self.0.as_ptr(), &mut count) })?;
+        check(unsafe { sys::TRITONBACKEND_RequestOutputCount(self.raw.as_ptr(), &mut count) })?;
         (0..count)
             .map(|index| {
                 let mut name = ptr::null();
                 // SAFETY: `index` < count; `name` is a valid out-pointer.
                 check(unsafe {
-                    sys::TRITONBACKEND_RequestOutputName(self.0.as_ptr(), index, &mut name)
+                    sys::TRITONBACKEND_RequestOutputName(self.raw.as_ptr(), index, &mut name)
                 })?;
                 // SAFETY: a NUL-terminated string live while the request is.
                 Ok(unsafe { copy_c_str(name) })
@@ -723,7 +732,7 @@ impl Request {
     pub fn parameters(&self) -> Result<Vec<(String, ParameterValue)>> {
         let mut count = 0u32;
         // SAFETY: the request is live; `count` is a valid out-pointer.
-        check(unsafe { sys::TRITONBACKEND_RequestParameterCount(self.0.as_ptr(), &mut count) })?;
+        check(unsafe { sys::TRITONBACKEND_RequestParameterCount(self.raw.as_ptr(), &mut count) })?;
         (0..count)
             .map(|index| {
                 let mut key = ptr::null();
@@ -733,7 +742,7 @@ impl Request {
                 // value live as long as the request.
                 check(unsafe {
                     sys::TRITONBACKEND_RequestParameter(
-                        self.0.as_ptr(),
+                        self.raw.as_ptr(),
                         index,
                         &mut key,
                         &mut kind,
@@ -778,7 +787,7 @@ impl Request {
         let mut input = ptr::null_mut();
         // SAFETY: the request is live; `c_name` is NUL-terminated; `input` is an out-pointer.
         check(unsafe {
-            sys::TRITONBACKEND_RequestInput(self.0.as_ptr(), c_name.as_ptr(), &mut input)
+            sys::TRITONBACKEND_RequestInput(self.raw.as_ptr(), c_name.as_ptr(), &mut input)
         })?;
         let mut datatype = 0;
         let mut shape_ptr = ptr::null();
@@ -869,10 +878,16 @@ impl Request {
 
 impl Drop for Request {
     fn drop(&mut self) {
+        if !self.has_final_response.get() {
+            // Dropping the unsent response answers the client with an internal error.
+            if let Err(error) = Response::new(self) {
+                crate::log_error!("failed to answer a request before releasing it: {error}");
+            }
+        }
         // SAFETY: the request is live and released exactly once, here.
         let result = check(unsafe {
             sys::TRITONBACKEND_RequestRelease(
-                self.0.as_ptr(),
+                self.raw.as_ptr(),
                 sys::TRITONSERVER_REQUEST_RELEASE_ALL,
             )
         });
@@ -913,17 +928,36 @@ pub struct InputTensor {
     pub data: Vec<u8>,
 }
 
-/// The response to one request. Dropping an unsent response sends an internal error,
-/// so a client is always answered.
-pub struct Response(Option<NonNull<sys::TRITONBACKEND_Response>>);
+/// A response to one request: its final response, or one of the pieces a decoupled
+/// model streams before it. Dropping an unsent final response sends an internal error,
+/// so a client is always answered; dropping an unsent piece deletes it.
+pub struct Response {
+    raw: Option<NonNull<sys::TRITONBACKEND_Response>>,
+    is_final: bool,
+}
 
 impl Response {
+    /// The request's final response; once it exists, it is what answers the request.
     pub fn new(request: &Request) -> Result<Self> {
+        let response = Self::create(request, true)?;
+        request.has_final_response.set(true);
+        Ok(response)
+    }
+
+    /// A response that a final one will follow (decoupled models).
+    pub fn new_partial(request: &Request) -> Result<Self> {
+        Self::create(request, false)
+    }
+
+    fn create(request: &Request, is_final: bool) -> Result<Self> {
         let mut response = ptr::null_mut();
         // SAFETY: the request is live; `response` is a valid out-pointer and becomes ours.
-        check(unsafe { sys::TRITONBACKEND_ResponseNew(&mut response, request.0.as_ptr()) })?;
+        check(unsafe { sys::TRITONBACKEND_ResponseNew(&mut response, request.raw.as_ptr()) })?;
         NonNull::new(response)
-            .map(|r| Response(Some(r)))
+            .map(|raw| Response {
+                raw: Some(raw),
+                is_final,
+            })
             .ok_or_else(|| Error::internal("Triton returned a null response"))
     }
 
@@ -936,7 +970,7 @@ impl Response {
         data: &[u8],
     ) -> Result<()> {
         let response = self
-            .0
+            .raw
             .ok_or_else(|| Error::internal("the response was already sent"))?;
         let c_name = c_string_lossy(name);
         let dims = u32::try_from(shape.len())
@@ -987,9 +1021,23 @@ impl Response {
         Ok(())
     }
 
-    /// Sends the response as final, carrying `error` if the request failed.
+    /// Sends a piece of a stream (see [`Response::new_partial`]).
+    pub fn send_partial(mut self) -> Result<()> {
+        if self.is_final {
+            return Err(Error::internal(
+                "a final response was sent as a stream piece",
+            ));
+        }
+        let Some(response) = self.raw.take() else {
+            return Ok(());
+        };
+        // SAFETY: the response is live and sent exactly once; ownership passes to Triton.
+        check(unsafe { sys::TRITONBACKEND_ResponseSend(response.as_ptr(), 0, ptr::null_mut()) })
+    }
+
+    /// Sends the final response, carrying `error` if the request failed.
     pub fn send(mut self, error: Option<Error>) -> Result<()> {
-        match self.0.take() {
+        match self.raw.take() {
             Some(response) => send_final(response, error),
             None => Ok(()),
         }
@@ -1016,10 +1064,20 @@ fn send_final(response: NonNull<sys::TRITONBACKEND_Response>, error: Option<Erro
 
 impl Drop for Response {
     fn drop(&mut self) {
-        if let Some(response) = self.0.take() {
+        let Some(response) = self.raw.take() else {
+            return;
+        };
+        if self.is_final {
             let error = Error::internal("the backend dropped this response without an answer");
             if let Err(send_error) = send_final(response, Some(error)) {
                 crate::log_error!("failed to send a response: {send_error}");
+            }
+        } else {
+            // SAFETY: the response is live and unsent; it is deleted exactly once.
+            if let Err(error) =
+                check(unsafe { sys::TRITONBACKEND_ResponseDelete(response.as_ptr()) })
+            {
+                crate::log_error!("failed to delete an unsent response: {error}");
             }
         }
     }
