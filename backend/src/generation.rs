@@ -497,7 +497,9 @@ impl Generator {
         })
     }
 
-    fn encode(&self, prompt: &str) -> Result<Vec<i64>, BackendError> {
+    /// The token ids the decoder is fed for one prompt (`tokenizer.json`'s own special
+    /// tokens added), keeping the last `context_length - 1` of an over-long prompt.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<i64>, BackendError> {
         let encoding = self
             .tokenizer
             .encode(prompt, true)
@@ -508,7 +510,8 @@ impl Generator {
         Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
     }
 
-    fn decode(&self, ids: &[i64]) -> Result<String, BackendError> {
+    /// The text of generated ids, special tokens skipped.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, BackendError> {
         let ids: Vec<u32> = ids
             .iter()
             .filter_map(|&id| u32::try_from(id).ok())
