@@ -1,0 +1,312 @@
+"""Lay out an exported model as one version of a Triton model repository (stdlib only).
+
+The export step (export_models.py, torch + transformers) leaves a directory holding
+`model.onnx`, `tokenizer.json` and the Hugging Face `config.json`. This module turns it
+into what the rust backend serves:
+
+    <repository>/<model>/config.pbtxt               backend "rust", from config.json
+    <repository>/<model>/<version>/model.onnx
+    <repository>/<model>/<version>/tokenizer.json
+    <repository>/<model>/<version>/manifest.json    source, revision, sha256, date, tools
+
+It imports nothing outside the standard library, so the CI test suite (which has no
+torch) can exercise it on the small committed models, and models exported by other
+tools can be laid out with `export_models.py --exported DIR`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXPORTED_FILES = ("model.onnx", "tokenizer.json")
+HF_CONFIG = "config.json"
+MANIFEST = "manifest.json"
+
+# RoBERTa-family position ids start after the padding index, so max_position_embeddings
+# (514 for roberta-base) exceeds the usable tokens (512) by pad_token_id + 1.
+ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}
+
+
+class LayoutError(Exception):
+    """The export cannot be laid out; raised before the repository is changed."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the exported files came from, recorded in the manifest."""
+
+    source: str
+    revision: str | None
+    tools: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model version inside a model repository."""
+
+    repository: Path
+    model: str
+    version: int
+
+    def __post_init__(self):
+        # Triton ignores version directories that are not positive integers.
+        if self.version < 1:
+            raise LayoutError(f"version must be a positive integer, got {self.version}")
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.repository) / self.model
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+    @property
+    def config_path(self) -> Path:
+        return self.model_dir / "config.pbtxt"
+
+
+# --------------------------------------------------------------------------- #
+# config.pbtxt
+# --------------------------------------------------------------------------- #
+
+_HEADER = """\
+# Written by tools/export/export_models.py; each version's manifest.json names its source.
+name: {name}
+backend: "rust"
+max_batch_size: 0
+version_policy: {{ all {{ }} }}
+
+"""
+
+_CLASSIFIER_IO = """\
+input [
+  {{ name: "text_input", data_type: TYPE_STRING, dims: [ -1 ] }}
+]
+output [
+  {{ name: "sentiment_score", data_type: TYPE_FP32, dims: [ -1, {classes} ] }},
+  {{ name: "sentiment_label", data_type: TYPE_STRING, dims: [ -1 ] }}
+]
+"""
+
+_ENCODER_IO = """\
+input [
+  {{ name: "text_input", data_type: TYPE_STRING, dims: [ -1 ], optional: true }},
+  {{ name: "input_ids", data_type: TYPE_INT64, dims: [ -1, -1 ], optional: true }},
+  {{ name: "attention_mask", data_type: TYPE_INT64, dims: [ -1, -1 ], optional: true }}
+]
+output [
+  {{ name: "last_hidden_state", data_type: TYPE_FP32, dims: [ -1, -1, {hidden} ] }},
+  {{ name: "embedding", data_type: TYPE_FP32, dims: [ -1, {hidden} ] }}
+]
+"""
+
+_GENERATION_IO = """\
+input [
+  { name: "text_input", data_type: TYPE_STRING, dims: [ -1 ] }
+]
+output [
+  { name: "generated_text", data_type: TYPE_STRING, dims: [ -1 ] }
+]
+"""
+
+_INSTANCES = """
+instance_group [ { count: 1, kind: KIND_CPU } ]
+
+"""
+
+# The sampling defaults of the example gpt2-small configuration.
+_GENERATION_DEFAULTS = (("max_new_tokens", "50"), ("temperature", "0.7"), ("do_sample", "true"))
+
+
+def pbtxt_string(value: str) -> str:
+    """A protobuf text-format string literal; control characters have no place in names."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise LayoutError(f"{value!r} contains control characters")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _required(hf_config: dict, key: str):
+    if key not in hf_config:
+        raise LayoutError(f"{HF_CONFIG} has no '{key}'")
+    return hf_config[key]
+
+
+def context_length(hf_config: dict) -> int:
+    """Tokens the model can attend to, special tokens included (max_sequence_length)."""
+    if "n_positions" in hf_config:
+        return int(hf_config["n_positions"])
+    positions = int(_required(hf_config, "max_position_embeddings"))
+    if hf_config.get("model_type") in ROBERTA_LIKE:
+        return positions - int(_required(hf_config, "pad_token_id")) - 1
+    return positions
+
+
+def label_names(hf_config: dict) -> list[str]:
+    """The classifier's label names by class index, from `id2label`.
+
+    The backend reads them as one comma-separated string and trims each name, so a name
+    with a comma or surrounding spaces could not come back unchanged: refuse it here.
+    """
+    id2label = _required(hf_config, "id2label")
+    try:
+        by_index = {int(index): str(name) for index, name in id2label.items()}
+    except (AttributeError, ValueError):
+        raise LayoutError(f"'id2label' in {HF_CONFIG} must map class indices to names") from None
+    if not by_index or sorted(by_index) != list(range(len(by_index))):
+        raise LayoutError(f"'id2label' must cover the class indices 0..n-1, got {sorted(by_index)}")
+    labels = [by_index[i] for i in range(len(by_index))]
+    for name in labels:
+        if not name or "," in name or name != name.strip():
+            raise LayoutError(
+                f"label {name!r} cannot be a backend label: names must be non-empty, "
+                "without commas or surrounding spaces"
+            )
+    return labels
+
+
+def token_for_id(tokenizer: dict, token_id: int) -> str:
+    """The token string of an id in tokenizer.json (added tokens, then the vocabulary)."""
+    for added in tokenizer.get("added_tokens") or []:
+        if added.get("id") == token_id:
+            return added["content"]
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        for token, index in vocab.items():
+            if index == token_id:
+                return token
+    raise LayoutError(f"token id {token_id} is not in tokenizer.json")
+
+
+def _parameters(pairs) -> str:
+    """One `parameters` line per (key, value), as in the example configs."""
+    line = "parameters: {{ key: {}, value: {{ string_value: {} }} }}\n"
+    return "".join(line.format(pbtxt_string(key), pbtxt_string(value)) for key, value in pairs)
+
+
+def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> str:
+    """The config.pbtxt of `model`: the example configs' shape, with the sizes, labels,
+    context length and end-of-text token of this export."""
+    length = ("max_sequence_length", str(context_length(hf_config)))
+    threads = ("intra_op_thread_count", "1")
+    if task == "sentiment-classifier":
+        labels = label_names(hf_config)
+        io = _CLASSIFIER_IO.format(classes=len(labels))
+        pairs = [("task", task), ("labels", ",".join(labels)), length, threads]
+    elif task == "feature-extraction":
+        io = _ENCODER_IO.format(hidden=int(_required(hf_config, "hidden_size")))
+        pairs = [("task", task), length, threads]
+    elif task == "text-generation":
+        eos = token_for_id(tokenizer, int(_required(hf_config, "eos_token_id")))
+        io = _GENERATION_IO
+        pairs = [("task", task), length, *_GENERATION_DEFAULTS, ("eos_token", eos), threads]
+    else:
+        raise LayoutError(f"unknown task {task!r}")
+    return _HEADER.format(name=pbtxt_string(model)) + io + _INSTANCES + _parameters(pairs)
+
+
+# --------------------------------------------------------------------------- #
+# Checks and installation
+# --------------------------------------------------------------------------- #
+
+
+def read_exported(exported: Path) -> tuple[dict, dict]:
+    """The Hugging Face config and the tokenizer of an export directory, checked complete."""
+    exported = Path(exported)
+    missing = [n for n in (*EXPORTED_FILES, HF_CONFIG) if not (exported / n).is_file()]
+    if missing:
+        raise LayoutError(f"{exported} lacks {', '.join(missing)}")
+    try:
+        return (
+            json.loads((exported / HF_CONFIG).read_text(encoding="utf-8")),
+            json.loads((exported / "tokenizer.json").read_text(encoding="utf-8")),
+        )
+    except json.JSONDecodeError as error:
+        raise LayoutError(f"{exported}: {error}") from None
+
+
+def check_target(target: Target, config_text: str, force: bool) -> None:
+    """Refuses to replace what exists unless `force`: the version directory, or a
+    config.pbtxt that differs from `config_text` (other labels or sizes, or local edits
+    that every version of the model shares)."""
+    if target.version_dir.exists() and not force:
+        raise LayoutError(f"{target.version_dir} exists; pass --force to replace it")
+    if (
+        target.config_path.exists()
+        and target.config_path.read_text(encoding="utf-8") != config_text
+        and not force
+    ):
+        raise LayoutError(
+            f"{target.config_path} differs from the one this export needs; "
+            "pass --force to replace it"
+        )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    """The current time in UTC, ISO 8601 to the second, e.g. 2025-01-31T12:00:00Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def manifest(directory: Path, target: Target, task: str, provenance: Provenance) -> dict:
+    """What a version directory holds and where it came from."""
+    return {
+        "model": target.model,
+        "version": target.version,
+        "task": task,
+        "source": provenance.source,
+        "revision": provenance.revision,
+        "exported_at": utc_now(),
+        "tools": provenance.tools,
+        "files": {
+            name: {
+                "sha256": sha256_file(directory / name),
+                "size": (directory / name).stat().st_size,
+            }
+            for name in EXPORTED_FILES
+        },
+    }
+
+
+def install(
+    exported: Path, target: Target, task: str, provenance: Provenance, force: bool = False
+) -> Path:
+    """Lays out `exported` as `target` and returns the version directory.
+
+    The version is assembled in a hidden sibling directory and renamed into place, so an
+    interrupted run leaves no half-written version behind (Triton ignores names that are
+    not numbers).
+    """
+    hf_config, tokenizer = read_exported(exported)
+    config_text = render_config(target.model, task, hf_config, tokenizer)
+    check_target(target, config_text, force)
+    target.model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{target.version}-", dir=target.model_dir))
+    try:
+        # mkdtemp makes it private (0700); the server may run as another user.
+        staging.chmod(0o755)
+        for name in EXPORTED_FILES:
+            shutil.copyfile(Path(exported) / name, staging / name)
+        record = manifest(staging, target, task, provenance)
+        (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if target.version_dir.exists():
+            shutil.rmtree(target.version_dir)
+        staging.rename(target.version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    target.config_path.write_text(config_text, encoding="utf-8")
+    return target.version_dir
