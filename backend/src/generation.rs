@@ -410,6 +410,11 @@ impl Generator {
         })
     }
 
+    /// The tokenizer itself (for memory accounting).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// Validates one request: its texts and its generation parameters.
     pub fn prepare(
         &self,
