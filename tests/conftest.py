@@ -179,6 +179,16 @@ def repository_copy(tmp_path):
     return copy
 
 
+def without_warmup(config: str) -> str:
+    """A config.pbtxt text without its `model_warmup` block and the comment above it."""
+    start = config.index("model_warmup [")
+    end = config.index("\n]\n", start) + len("\n]\n")
+    before = config[:start].rstrip("\n").split("\n")
+    while before and (before[-1].startswith("#") or not before[-1].strip()):
+        before.pop()
+    return "\n".join(before) + "\n" + config[end:]
+
+
 def load_reference(model: str) -> dict:
     return json.loads((REFERENCE_DIR / f"{model}.json").read_text())
 

@@ -30,6 +30,7 @@ from conftest import (
     int64_input,
     outputs_by_name,
     text_input,
+    without_warmup,
 )
 
 CLASSIFIER = "sentiment-classifier"
@@ -337,7 +338,8 @@ def batching_server(tmp_path_factory):
     repository = root / "model-repository"
     model_dir = repository / CLASSIFIER
     shutil.copytree(MODEL_REPOSITORY / CLASSIFIER / "1", model_dir / "1")
-    config = (MODEL_REPOSITORY / CLASSIFIER / "config.pbtxt").read_text()
+    # The warm-up sample is shaped for max_batch_size 0.
+    config = without_warmup((MODEL_REPOSITORY / CLASSIFIER / "config.pbtxt").read_text())
     text, score, label = (
         f'name: "{name}", data_type: {datatype}, dims: '
         for name, datatype in [

@@ -16,7 +16,9 @@ ENTRY_POINTS = {
     "TRITONBACKEND_GetBackendAttribute",
     "TRITONBACKEND_ModelInstanceReady",
 }
-REQUIRED = ENTRY_POINTS - {"TRITONBACKEND_GetBackendAttribute", "TRITONBACKEND_ModelInstanceReady"}
+# TRITONBACKEND_ModelInstanceReady is optional for Triton (newer releases call it; 2.51
+# does not) but this backend defines it, answering from the instance's health.
+REQUIRED = ENTRY_POINTS - {"TRITONBACKEND_GetBackendAttribute"}
 
 
 def dynamic_symbols(library: Path, *flags: str) -> set[str]:

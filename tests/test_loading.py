@@ -105,8 +105,10 @@ class Broken:
 def make_model(
     repository: Path, name: str, base: str, config: ConfigEdit = keep, files: FilesEdit = no_change
 ):
-    """Copies version 1 of example model `base` to `repository/name`, then edits it."""
+    """Copies version 1 of example model `base` (and its warm-up data) to
+    `repository/name`, then edits it."""
     shutil.copytree(MODEL_REPOSITORY / base / "1", repository / name / "1")
+    shutil.copytree(MODEL_REPOSITORY / base / "warmup", repository / name / "warmup")
     text = (MODEL_REPOSITORY / base / "config.pbtxt").read_text()
     text = replace(f'name: "{base}"', f'name: "{name}"')(text)
     (repository / name / "config.pbtxt").write_text(config(text))

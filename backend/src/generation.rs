@@ -446,6 +446,11 @@ impl Generator {
         })
     }
 
+    /// The tokenizer itself (for memory accounting).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// Validates one request: its texts, its `stream` flag and its generation parameters.
     pub fn prepare(
         &self,

@@ -9,6 +9,8 @@ pub mod bytes_tensor;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod health;
+pub mod memory;
 pub mod model;
 pub mod onnx;
 pub mod pipeline;
@@ -16,14 +18,19 @@ pub mod postprocess;
 pub mod task;
 pub mod tokenize;
 pub mod triton;
+pub mod warmup;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
 use triton_sys as sys;
 
+use crate::health::{InstanceSlot, PanicWatch};
 use crate::model::{BackendState, InstanceState, ModelState};
-use crate::triton::{BackendHandle, Error, InstanceHandle, ModelHandle, Request};
+use crate::triton::{BackendHandle, Error, ErrorCode, InstanceHandle, ModelHandle, Request};
+
+/// What Triton keeps as a model instance's state (see `health.rs`).
+type Instance = InstanceSlot<InstanceState>;
 
 /// Routes panic messages to the Triton log (stderr stays as a fallback).
 fn install_panic_hook() {
@@ -31,6 +38,16 @@ fn install_panic_hook() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("unknown panic");
+            match info.location() {
+                Some(at) => health::record_panic(&format!("{message} at {at}")),
+                None => health::record_panic(message),
+            }
             log_error!("triton-rust: panic: {info}");
             previous(info);
         }));
@@ -109,10 +126,18 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
         // SAFETY: the backend state was set as BackendState in Initialize and lives until
         // Finalize, which runs after every model is finalized.
         let backend = unsafe { model.backend()?.state::<BackendState>() }?;
-        let state = ModelState::new(model, backend).map_err(|error| {
-            let name = model.name().unwrap_or_default();
-            Error::new(error.code, format!("model '{name}': {}", error.message))
-        })?;
+        let state = ModelState::new(model, backend)
+            .and_then(|state| state.check_warmup(model).map(|()| state))
+            .map_err(|error| {
+                let name = model.name().unwrap_or_default();
+                Error::new(error.code, format!("model '{name}': {}", error.message))
+            })?;
+        if let Err(error) = model.report_memory_usage(&state.memory_usage()) {
+            log_warn!(
+                "triton-rust: model '{}': cannot report memory usage: {error}",
+                state.name
+            );
+        }
         model.set_state(Box::new(state))
     })
 }
@@ -160,7 +185,16 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
                 ),
             )
         })?;
-        instance.set_state(Box::new(state))
+        if let Err(error) = state
+            .memory_usage(model)
+            .and_then(|usage| instance.report_memory_usage(&usage))
+        {
+            log_warn!(
+                "triton-rust: instance '{}': cannot report memory usage: {error}",
+                state.name
+            );
+        }
+        instance.set_state(Box::new(Instance::new(state.name.clone(), state)))
     })
 }
 
@@ -173,9 +207,11 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceFinalize(
     entry_point("TRITONBACKEND_ModelInstanceFinalize", || {
         // SAFETY: Triton passes the live instance to this entry point.
         let instance = unsafe { InstanceHandle::from_raw(instance) }?;
-        // SAFETY: the state was set as InstanceState and is not used again; dropping it
-        // releases the ONNX Runtime session.
-        if let Some(state) = unsafe { instance.take_state::<InstanceState>() }? {
+        // SAFETY: the state was set as an `Instance` and is not used again (Triton neither
+        // executes nor asks for readiness during finalize); dropping it releases the ONNX
+        // Runtime session.
+        if let Some(slot) = unsafe { instance.take_state::<Instance>() }? {
+            let state = slot.into_inner();
             log_info!("triton-rust: instance '{}' finalized", state.name);
         }
         Ok(())
@@ -205,19 +241,20 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
         // SAFETY: each pointer is a distinct live request owned by us from now on.
         .filter_map(|&raw| unsafe { Request::from_raw(raw) }.ok())
         .collect();
+    let watch = PanicWatch::start();
     let result = catch_unwind(AssertUnwindSafe(move || {
         let states = (|| {
             // SAFETY: Triton passes the live instance to this entry point.
             let instance = unsafe { InstanceHandle::from_raw(instance) }?;
-            // SAFETY: Triton runs one execute at a time per instance, so the state is not
-            // aliased; it was set as InstanceState in ModelInstanceInitialize.
-            let state = unsafe { instance.state_mut::<InstanceState>() }?;
+            // SAFETY: the state was set as an `Instance` in ModelInstanceInitialize and is
+            // only ever shared; its mutex gives this execution the instance alone.
+            let slot = unsafe { instance.state::<Instance>() }?;
             // SAFETY: the model state was set as ModelState and outlives its instances.
             let model = unsafe { instance.model()?.state::<ModelState>() }?;
-            Ok::<_, Error>((instance, state, model))
+            Ok::<_, Error>((instance, slot, model))
         })();
         match states {
-            Ok((instance, state, model)) => model::execute(instance, state, model, owned),
+            Ok((instance, slot, model)) => model::execute(instance, &mut slot.lock(), model, owned),
             Err(error) => {
                 log_error!("triton-rust: execute failed: {error}");
                 model::fail_all(owned, &error);
@@ -227,7 +264,53 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
     if result.is_err() {
         log_error!("triton-rust: panic in execute; its requests were answered with errors");
     }
+    if let Some(message) = watch.panicked() {
+        mark_panicked(instance, &message);
+    }
     std::ptr::null_mut()
+}
+
+/// After a panic during an execution: the instance stops reporting itself ready.
+fn mark_panicked(instance: *mut sys::TRITONBACKEND_ModelInstance, message: &str) {
+    let marked = guarded("TRITONBACKEND_ModelInstanceExecute", || {
+        // SAFETY: Triton passed this live instance to the execute call still running.
+        let instance = unsafe { InstanceHandle::from_raw(instance) }?;
+        // SAFETY: set as an `Instance` in ModelInstanceInitialize; only ever shared.
+        let slot = unsafe { instance.state::<Instance>() }?;
+        if slot.mark_panicked(message) {
+            log_error!(
+                "triton-rust: instance '{}' is no longer ready after a panic: {message}",
+                slot.name
+            );
+        }
+        Ok(())
+    });
+    if let Err(error) = marked {
+        log_error!("triton-rust: cannot mark the instance unhealthy: {error}");
+    }
+}
+
+/// Optional entry point, called by newer Triton releases (not 2.51) when a client asks
+/// whether the model is ready: `nullptr` when the instance can serve, else an
+/// `UNAVAILABLE` error saying why. It may run while the instance executes, so it reads
+/// only the instance's health, never the instance itself. Not in the r24.10 headers:
+/// declared here with the signature of newer `tritonbackend.h`.
+///
+/// # Safety
+/// Called by Triton with a live model instance handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceReady(
+    instance: *mut sys::TRITONBACKEND_ModelInstance,
+) -> *mut sys::TRITONSERVER_Error {
+    entry_point("TRITONBACKEND_ModelInstanceReady", || {
+        // SAFETY: Triton passes the live instance to this entry point.
+        let instance = unsafe { InstanceHandle::from_raw(instance) }?;
+        // SAFETY: set as an `Instance` in ModelInstanceInitialize; only ever shared, and
+        // its health is readable from any thread.
+        let slot = unsafe { instance.state::<Instance>() }?;
+        slot.readiness()
+            .map_err(|reason| Error::new(ErrorCode::Unavailable, reason))
+    })
 }
 
 #[cfg(test)]

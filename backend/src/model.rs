@@ -11,13 +11,15 @@ use ort::session::Session;
 use crate::config::{ModelConfig, ModelSettings};
 use crate::error::BackendError;
 use crate::generation::GenerationProgress;
+use crate::memory;
 use crate::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
 use crate::pipeline::OutputTensor;
 use crate::task::{TaskBinding, TaskLogic, TaskRequest};
 use crate::triton::{
-    BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle,
-    Request, Response, now_ns,
+    BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, MemoryUsage,
+    ModelHandle, Request, Response, now_ns,
 };
+use crate::warmup;
 use crate::{log_error, log_info};
 
 pub const MODEL_FILE: &str = "model.onnx";
@@ -109,6 +111,7 @@ pub struct InstanceState {
     pub name: String,
     session: Session,
     binding: TaskBinding,
+    device: Device,
 }
 
 impl InstanceState {
@@ -133,6 +136,7 @@ impl InstanceState {
             name,
             session,
             binding,
+            device,
         })
     }
 }
@@ -356,5 +360,51 @@ pub fn fail_all(requests: Vec<Request>, error: &Error) {
             }
             Err(new_error) => log_error!("triton-rust: cannot create a response: {new_error}"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory usage reports (what is counted: see memory.rs)
+
+impl ModelState {
+    /// The memory this model version holds for all its instances: its tokenizer.
+    pub fn memory_usage(&self) -> Vec<MemoryUsage> {
+        vec![memory::tokenizer_usage(self.task.tokenizer())]
+    }
+}
+
+impl InstanceState {
+    /// The memory this instance holds: its session's weights, on its device.
+    pub fn memory_usage(&self, model: &ModelState) -> Result<Vec<MemoryUsage>, Error> {
+        Ok(vec![memory::session_weights(
+            &model.model_path,
+            self.device,
+        )?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Warm-up samples, checked at load (why: see warmup.rs)
+
+impl ModelState {
+    /// Puts each warm-up request Triton will send through the same input validation as a
+    /// client request: the first one the backend would refuse fails the load here, before
+    /// any instance runs it.
+    pub fn check_warmup(&self, model: ModelHandle) -> Result<(), Error> {
+        let config_json = model.config_json()?;
+        let config = ModelConfig::from_json(&config_json)?;
+        let outputs: Vec<String> = config.outputs.iter().map(|o| o.name.clone()).collect();
+        let model_dir = PathBuf::from(model.repository_path()?);
+        for request in warmup::warmup_requests(&config_json, self.max_batch_size, &model_dir)? {
+            self.task
+                .prepare(request.inputs, &[], outputs.clone())
+                .map_err(|error| {
+                    BackendError::Config(format!(
+                        "model_warmup sample '{}': {error}",
+                        request.sample
+                    ))
+                })?;
+        }
+        Ok(())
     }
 }

@@ -241,6 +241,11 @@ impl Pipeline {
         })
     }
 
+    /// The tokenizer of this model version.
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text
+    }
+
     /// Checks that a session's graph fits the task and records how to feed it.
     pub fn bind_session(&self, session: &Session) -> Result<SessionBinding, BackendError> {
         let mut inputs = Vec::new();

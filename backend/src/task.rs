@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ort::session::Session;
+use tokenizers::Tokenizer;
 
 use crate::config::{EOS_TOKEN, ModelConfig, ModelSettings, TaskKind};
 use crate::error::BackendError;
@@ -120,6 +121,14 @@ impl TaskLogic {
             mode,
             max_prompts,
         )?))
+    }
+
+    /// The tokenizer of this model version.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            TaskLogic::Encoder(pipeline) => pipeline.text_encoder().tokenizer(),
+            TaskLogic::Generation(generator) => generator.tokenizer(),
+        }
     }
 
     pub fn bind(&self, session: &Session) -> Result<TaskBinding, BackendError> {

@@ -148,6 +148,11 @@ impl TextEncoder {
         self.vocab_size
     }
 
+    /// The tokenizer itself (for memory accounting).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// Tokenizes one text with special tokens, truncated to `max_length`.
     pub fn encode(&self, text: &str) -> Result<TokenRow, BackendError> {
         let encoding = self

@@ -1082,3 +1082,127 @@ impl Drop for Response {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Memory usage reports
+
+/// Where memory that a model or an instance holds lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MemoryPlace {
+    Cpu,
+    CpuPinned,
+    Gpu { device_id: i64 },
+}
+
+/// Bytes held in one place, as reported to `/v2/models/<m>/stats` (`memory_usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub place: MemoryPlace,
+    pub bytes: u64,
+}
+
+/// An owned `TRITONSERVER_BufferAttributes`, deleted on drop.
+struct BufferAttributes(NonNull<sys::TRITONSERVER_BufferAttributes>);
+
+impl BufferAttributes {
+    fn new(usage: &MemoryUsage) -> Result<Self> {
+        let mut raw = ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; the new object becomes ours.
+        check(unsafe { sys::TRITONSERVER_BufferAttributesNew(&mut raw) })?;
+        let attributes = NonNull::new(raw)
+            .map(BufferAttributes)
+            .ok_or_else(|| Error::internal("Triton returned null buffer attributes"))?;
+        let (memory_type, memory_type_id) = match usage.place {
+            MemoryPlace::Cpu => (sys::TRITONSERVER_MEMORY_CPU, 0),
+            MemoryPlace::CpuPinned => (sys::TRITONSERVER_MEMORY_CPU_PINNED, 0),
+            MemoryPlace::Gpu { device_id } => (sys::TRITONSERVER_MEMORY_GPU, device_id),
+        };
+        let byte_size = usize::try_from(usage.bytes)
+            .map_err(|_| Error::internal("a memory usage does not fit in size_t"))?;
+        // On an error below, `attributes` is dropped, which deletes it.
+        // SAFETY: the attributes are live and ours; the setter stores a plain value.
+        check(unsafe {
+            sys::TRITONSERVER_BufferAttributesSetMemoryType(attributes.0.as_ptr(), memory_type)
+        })?;
+        // SAFETY: as above.
+        check(unsafe {
+            sys::TRITONSERVER_BufferAttributesSetMemoryTypeId(attributes.0.as_ptr(), memory_type_id)
+        })?;
+        // SAFETY: as above.
+        check(unsafe {
+            sys::TRITONSERVER_BufferAttributesSetByteSize(attributes.0.as_ptr(), byte_size)
+        })?;
+        Ok(attributes)
+    }
+}
+
+impl Drop for BufferAttributes {
+    fn drop(&mut self) {
+        // SAFETY: the attributes are ours and deleted exactly once, here.
+        let result = check(unsafe { sys::TRITONSERVER_BufferAttributesDelete(self.0.as_ptr()) });
+        if let Err(error) = result {
+            crate::log_error!("failed to delete buffer attributes: {error}");
+        }
+    }
+}
+
+/// Builds the attribute list for `usage` and hands it to `report`, which Triton copies
+/// (the list stays ours and is deleted when this returns).
+fn report_memory(
+    usage: &[MemoryUsage],
+    report: impl FnOnce(
+        *mut *mut sys::TRITONSERVER_BufferAttributes,
+        u32,
+    ) -> *mut sys::TRITONSERVER_Error,
+) -> Result<()> {
+    let attributes = usage
+        .iter()
+        .map(BufferAttributes::new)
+        .collect::<Result<Vec<_>>>()?;
+    let mut raw: Vec<*mut sys::TRITONSERVER_BufferAttributes> =
+        attributes.iter().map(|a| a.0.as_ptr()).collect();
+    let count =
+        u32::try_from(raw.len()).map_err(|_| Error::internal("too many memory usage entries"))?;
+    check(report(raw.as_mut_ptr(), count))
+}
+
+impl ModelHandle {
+    /// Reports the memory this model holds until ModelFinalize (not its instances').
+    pub fn report_memory_usage(&self, usage: &[MemoryUsage]) -> Result<()> {
+        report_memory(usage, |list, count| {
+            // SAFETY: the model is live; `list` holds `count` live attributes that Triton
+            // reads during the call only (tritonbackend.h: the backend owns them).
+            unsafe { sys::TRITONBACKEND_ModelReportMemoryUsage(self.0.as_ptr(), list, count) }
+        })
+    }
+}
+
+impl InstanceHandle {
+    /// Reports the memory this instance holds until ModelInstanceFinalize.
+    pub fn report_memory_usage(&self, usage: &[MemoryUsage]) -> Result<()> {
+        report_memory(usage, |list, count| {
+            // SAFETY: the instance is live; `list` holds `count` live attributes that
+            // Triton reads during the call only (tritonbackend.h: the backend owns them).
+            unsafe {
+                sys::TRITONBACKEND_ModelInstanceReportMemoryUsage(self.0.as_ptr(), list, count)
+            }
+        })
+    }
+
+    /// Borrows the instance state shared by every thread Triton calls this instance from
+    /// (execute, and the readiness check, which may run during an execution).
+    ///
+    /// # Safety
+    /// The state must have been set with the same `T` and not taken yet; `T` must be
+    /// `Sync`, and nothing may hold a `&mut` to it (use [`InstanceHandle::state_mut`]
+    /// for states that only execute reads).
+    pub unsafe fn state<'a, T: Sync>(&self) -> Result<&'a T> {
+        let mut raw = ptr::null_mut();
+        // SAFETY: the handle is live; `raw` is a valid out-pointer.
+        check(unsafe { sys::TRITONBACKEND_ModelInstanceState(self.0.as_ptr(), &mut raw) })?;
+        // SAFETY: per the caller, `raw` is null or the live `Box<T>` from set_state, only
+        // ever shared.
+        unsafe { raw.cast::<T>().as_ref() }
+            .ok_or_else(|| Error::internal("the model instance has no state"))
+    }
+}

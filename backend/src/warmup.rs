@@ -1,0 +1,294 @@
+//! The requests Triton will build from a model's `model_warmup` samples, rebuilt at
+//! model load so the backend can check them before any instance exists.
+//!
+//! Why check them early: Triton runs the warm-up on each new instance's thread, and
+//! when a warm-up request fails there, Triton 2.51 tears the instance down while that
+//! thread may still be touching it (`TritonBackendThread::StopBackendThread` reads the
+//! thread's instance list unlocked), which can crash the whole server. Warm-up data the
+//! backend would refuse is therefore refused at `ModelInitialize`, with the same
+//! message a client request would get, and the load fails cleanly instead.
+//!
+//! What Triton hands the backend, per sample and per unit of `batch_size`: for each input,
+//! shape `dims` (with a leading 1 when `max_batch_size > 0`), and data from
+//! `<model>/warmup/<input_data_file>` (a `TYPE_STRING` input takes the whole file as its
+//! serialized BYTES tensor, other types the first `dims` elements' bytes) or zeros
+//! (`zero_data`, and `random_data` of a `TYPE_STRING` input: empty strings). Samples whose
+//! data Triton itself rejects (a short file, a variable dimension) are left to Triton,
+//! which fails them before any instance runs.
+//!
+//! Free of FFI.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::BackendError;
+use crate::triton::{DataType, InputTensor};
+
+/// Where Triton keeps warm-up data files: `<model>/warmup/`.
+pub const WARMUP_DIR: &str = "warmup";
+
+/// Samples with more fixed-size data than this are left unchecked.
+const MAX_SYNTHETIC_BYTES: usize = 64 << 20;
+
+/// One warm-up request, as the backend will receive it.
+#[derive(Debug)]
+pub struct WarmupRequest {
+    pub sample: String,
+    pub inputs: HashMap<String, InputTensor>,
+}
+
+fn warmup_error(sample: &str, message: impl std::fmt::Display) -> BackendError {
+    BackendError::Config(format!("model_warmup sample '{sample}': {message}"))
+}
+
+/// A protobuf-JSON integer, which Triton may write as a number or a string.
+fn json_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The datatype and element size of a configuration type name.
+fn data_type(name: &str) -> Option<(DataType, usize)> {
+    Some(match name {
+        "TYPE_BOOL" => (DataType::Bool, 1),
+        "TYPE_UINT8" => (DataType::Uint8, 1),
+        "TYPE_UINT16" => (DataType::Uint16, 2),
+        "TYPE_UINT32" => (DataType::Uint32, 4),
+        "TYPE_UINT64" => (DataType::Uint64, 8),
+        "TYPE_INT8" => (DataType::Int8, 1),
+        "TYPE_INT16" => (DataType::Int16, 2),
+        "TYPE_INT32" => (DataType::Int32, 4),
+        "TYPE_INT64" => (DataType::Int64, 8),
+        "TYPE_FP16" => (DataType::Fp16, 2),
+        "TYPE_FP32" => (DataType::Fp32, 4),
+        "TYPE_FP64" => (DataType::Fp64, 8),
+        "TYPE_BF16" => (DataType::Bf16, 2),
+        // BYTES elements have no fixed size; Triton counts 4 bytes (a length) each.
+        "TYPE_STRING" => (DataType::Bytes, 4),
+        _ => return None,
+    })
+}
+
+/// One input of a sample, or `None` when Triton will reject the sample itself.
+fn warmup_input(
+    sample: &str,
+    name: &str,
+    spec: &Value,
+    max_batch_size: i64,
+    model_dir: &Path,
+) -> Result<Option<InputTensor>, BackendError> {
+    let Some((datatype, element_size)) = spec
+        .get("data_type")
+        .and_then(Value::as_str)
+        .and_then(data_type)
+    else {
+        return Ok(None);
+    };
+    let Some(dims) = spec
+        .get("dims")
+        .and_then(Value::as_array)
+        .map(|dims| dims.iter().map(json_int).collect::<Option<Vec<i64>>>())
+        .unwrap_or(Some(Vec::new()))
+    else {
+        return Ok(None);
+    };
+    // Variable dimensions are Triton's to refuse; absurd sizes are not worth copying here.
+    let Some(byte_size) = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+        .and_then(|count| count.checked_mul(element_size))
+        .filter(|&size| size <= MAX_SYNTHETIC_BYTES)
+    else {
+        return Ok(None);
+    };
+    let data = if let Some(file) = spec.get("input_data_file").and_then(Value::as_str) {
+        let path = model_dir.join(WARMUP_DIR).join(file);
+        let mut bytes = std::fs::read(&path).map_err(|e| {
+            warmup_error(
+                sample,
+                format_args!("cannot read input '{name}' from {}: {e}", path.display()),
+            )
+        })?;
+        if datatype != DataType::Bytes {
+            if bytes.len() < byte_size {
+                return Ok(None);
+            }
+            bytes.truncate(byte_size);
+        }
+        bytes
+    } else if spec.get("random_data").and_then(Value::as_bool) == Some(true)
+        && datatype != DataType::Bytes
+    {
+        return Err(warmup_error(
+            sample,
+            format_args!(
+                "input '{name}' uses random_data, which this backend cannot serve (random \
+                 token ids, masks or lengths); use input_data_file or zero_data"
+            ),
+        ));
+    } else {
+        // zero_data, and random_data of a string input: zeros, that is empty strings.
+        vec![0; byte_size]
+    };
+    let mut shape = if max_batch_size > 0 {
+        vec![1]
+    } else {
+        Vec::new()
+    };
+    shape.extend(dims);
+    Ok(Some(InputTensor {
+        datatype,
+        shape,
+        data,
+    }))
+}
+
+/// The warm-up requests of a model configuration (as JSON), one per sample with a
+/// non-zero `batch_size` (Triton sends that many identical requests).
+pub fn warmup_requests(
+    config_json: &str,
+    max_batch_size: i64,
+    model_dir: &Path,
+) -> Result<Vec<WarmupRequest>, BackendError> {
+    let config: Value = serde_json::from_str(config_json)
+        .map_err(|e| BackendError::Config(format!("the model configuration is not JSON: {e}")))?;
+    let Some(samples) = config.get("model_warmup").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    let mut requests = Vec::new();
+    'samples: for sample in samples {
+        let name = sample.get("name").and_then(Value::as_str).unwrap_or("");
+        if sample.get("batch_size").and_then(json_int).unwrap_or(0) == 0 {
+            continue;
+        }
+        let mut inputs = HashMap::new();
+        if let Some(specs) = sample.get("inputs").and_then(Value::as_object) {
+            for (input, spec) in specs {
+                match warmup_input(name, input, spec, max_batch_size, model_dir)? {
+                    Some(tensor) => {
+                        inputs.insert(input.clone(), tensor);
+                    }
+                    None => continue 'samples,
+                }
+            }
+        }
+        requests.push(WarmupRequest {
+            sample: name.to_owned(),
+            inputs,
+        });
+    }
+    Ok(requests)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes_tensor::encode_elements;
+
+    fn model_dir(test: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("triton-rust-warmup-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(dir.join(WARMUP_DIR)).expect("dir");
+        for (name, data) in files {
+            std::fs::write(dir.join(WARMUP_DIR).join(name), data).expect("write");
+        }
+        dir
+    }
+
+    fn config(samples: &str) -> String {
+        format!(r#"{{"name": "m", "model_warmup": {samples}}}"#)
+    }
+
+    #[test]
+    fn string_files_are_passed_whole_with_the_batch_dimension() {
+        let texts = encode_elements(&["one", "two"]);
+        let dir = model_dir("strings", &[("text.bin", &texts)]);
+        let json = config(
+            r#"[{"name": "s", "batch_size": 1, "inputs": {"text_input":
+                {"data_type": "TYPE_STRING", "dims": ["2"], "input_data_file": "text.bin"}}}]"#,
+        );
+        let requests = warmup_requests(&json, 0, &dir).expect("requests");
+        assert_eq!(requests.len(), 1);
+        let input = &requests[0].inputs["text_input"];
+        assert_eq!(requests[0].sample, "s");
+        assert_eq!(input.datatype, DataType::Bytes);
+        assert_eq!(input.shape, vec![2]);
+        assert_eq!(input.data, texts);
+
+        let batched = warmup_requests(&json, 8, &dir).expect("requests");
+        assert_eq!(batched[0].inputs["text_input"].shape, vec![1, 2]);
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn zero_data_is_zeros_and_empty_strings() {
+        let dir = model_dir("zeros", &[]);
+        let json = config(
+            r#"[{"name": "z", "batch_size": 1, "inputs": {
+                "input_ids": {"data_type": "TYPE_INT64", "dims": [1, 3], "zero_data": true},
+                "text_input": {"data_type": "TYPE_STRING", "dims": [2], "random_data": true}}}]"#,
+        );
+        let requests = warmup_requests(&json, 0, &dir).expect("requests");
+        assert_eq!(requests[0].inputs["input_ids"].data, vec![0; 24]);
+        assert_eq!(requests[0].inputs["input_ids"].shape, vec![1, 3]);
+        assert_eq!(
+            requests[0].inputs["text_input"].data,
+            encode_elements(&["", ""])
+        );
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn random_numbers_are_refused() {
+        let dir = model_dir("random", &[]);
+        let json = config(
+            r#"[{"name": "r", "batch_size": 1, "inputs": {
+                "input_ids": {"data_type": "TYPE_INT64", "dims": [1, 3], "random_data": true}}}]"#,
+        );
+        let error = warmup_requests(&json, 0, &dir).unwrap_err().to_string();
+        assert!(
+            error.contains("model_warmup sample 'r'") && error.contains("random_data"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn what_triton_rejects_itself_is_left_to_it() {
+        let dir = model_dir("left-to-triton", &[("short.bin", &[1, 2, 3])]);
+        let json = config(
+            r#"[{"name": "skipped", "batch_size": 0, "inputs": {}},
+                {"name": "variable", "batch_size": 1, "inputs": {"text_input":
+                    {"data_type": "TYPE_STRING", "dims": [-1], "zero_data": true}}},
+                {"name": "huge", "batch_size": 1, "inputs": {"input_ids":
+                    {"data_type": "TYPE_INT64", "dims": ["4000000000", "4000000000"],
+                     "zero_data": true}}},
+                {"name": "short", "batch_size": 1, "inputs": {"input_ids":
+                    {"data_type": "TYPE_INT64", "dims": [1, 2], "input_data_file": "short.bin"}}}]"#,
+        );
+        assert!(warmup_requests(&json, 0, &dir).expect("ok").is_empty());
+        assert!(
+            warmup_requests(r#"{"name": "m"}"#, 0, &dir)
+                .expect("ok")
+                .is_empty()
+        );
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let dir = model_dir("missing", &[]);
+        let json = config(
+            r#"[{"name": "f", "batch_size": 1, "inputs": {"text_input":
+                {"data_type": "TYPE_STRING", "dims": [1], "input_data_file": "absent.bin"}}}]"#,
+        );
+        let error = warmup_requests(&json, 0, &dir).unwrap_err().to_string();
+        assert!(error.contains("absent.bin"), "{error}");
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+}
