@@ -5,7 +5,8 @@ hands to the layout step is a directory with model.onnx, tokenizer.json and the 
 Face config.json. The committed test models play that part, with a config.json written
 here (its `id2label` names the classes unlike the example config does, so the served
 labels prove where they came from). The laid-out repository is then served by a real
-tritonserver and compared with tests/reference/.
+tritonserver, which runs each model's warm-up through the backend at load, and compared
+with tests/reference/.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def test_layout_writes_the_version_files_config_and_manifest(tmp_path, model):
     # Nothing else: no staging directory is left behind.
     assert files_under(repository) == {
         f"{model}/config.pbtxt",
+        f"{model}/warmup/text_input.bin",
         f"{model}/3/model.onnx",
         f"{model}/3/tokenizer.json",
         f"{model}/3/manifest.json",
@@ -171,6 +173,7 @@ def test_manifest_records_source_revision_hashes_and_date(tmp_path):
     ]
     exported_at = datetime.fromisoformat(manifest["exported_at"].replace("Z", "+00:00"))
     assert before <= exported_at <= after
+    # The version's own files; config.pbtxt and warmup/ belong to the model (all versions).
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
     for name, entry in manifest["files"].items():
         assert entry == {
@@ -188,13 +191,35 @@ def test_manifest_records_source_revision_hashes_and_date(tmp_path):
     ],
 )
 def test_config_is_the_example_config_with_this_exports_values(tmp_path, model, changed):
-    """Same inputs, outputs (sizes from config.json), instances and parameters as the
-    committed example config; only the labels and the explicit end-of-text token differ."""
+    """Same inputs, outputs (sizes from config.json), instances, parameters and warm-up
+    sample as the committed example config; only the labels and the explicit end-of-text
+    token differ."""
     install(tmp_path, model)
     written = (tmp_path / "repository" / model / "config.pbtxt").read_text(encoding="utf-8")
     example = (MODEL_REPOSITORY / model / "config.pbtxt").read_text(encoding="utf-8")
     assert pbtxt_body(written) == pbtxt_body(example)
     assert pbtxt_parameters(written) == {**pbtxt_parameters(example), **changed}
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, DECODER])
+def test_warmup_file_is_the_example_warmup_file(tmp_path, model):
+    """The file the config's model_warmup sample names, with the example's texts, serialized
+    as a BYTES tensor (the example config's comment and tests/test_lifecycle.py say how)."""
+    install(tmp_path, model)
+    model_dir = tmp_path / "repository" / model
+    config = (model_dir / "config.pbtxt").read_text(encoding="utf-8")
+    assert 'input_data_file: "text_input.bin"' in config
+    written = model_dir / "warmup" / "text_input.bin"
+    assert written.read_bytes() == (MODEL_REPOSITORY / model / "warmup" / written.name).read_bytes()
+    assert stat.S_IMODE(written.stat().st_mode) & 0o444 == 0o444
+    assert stat.S_IMODE(written.parent.stat().st_mode) & 0o555 == 0o555
+
+
+def test_bytes_tensor_is_length_prefixed_utf8():
+    assert layout.bytes_tensor([]) == b""
+    assert layout.bytes_tensor(["ab", "", "é"]) == (
+        b"\x02\x00\x00\x00ab" + b"\x00\x00\x00\x00" + b"\x02\x00\x00\x00\xc3\xa9"
+    )
 
 
 def test_context_length_and_sizes_come_from_config_json(tmp_path):
@@ -246,6 +271,22 @@ def test_a_differing_config_is_replaced_only_with_force(tmp_path):
 
     install(tmp_path, CLASSIFIER, version=3, hf_config=relabelled, force=True)
     assert pbtxt_parameters(config.read_text(encoding="utf-8"))["labels"] == "a,b,c"
+
+
+def test_a_differing_warmup_file_is_replaced_only_with_force(tmp_path):
+    install(tmp_path, ENCODER, version=1)
+    warmup = tmp_path / "repository" / ENCODER / "warmup" / "text_input.bin"
+    written = warmup.read_bytes()
+    # Local edits (other texts, same count) are kept: all versions share the file.
+    edited = layout.bytes_tensor(["Domain text one.", "Domain text two."])
+    warmup.write_bytes(edited)
+    with pytest.raises(layout.LayoutError, match="text_input.bin differs.*--force"):
+        install(tmp_path, ENCODER, version=2, source_version="2")
+    assert warmup.read_bytes() == edited
+    assert not (warmup.parent.parent / "2").exists()
+
+    install(tmp_path, ENCODER, version=2, source_version="2", force=True)
+    assert warmup.read_bytes() == written
 
 
 def without(config: dict, key: str) -> dict:
@@ -358,7 +399,17 @@ def exported_server(tmp_path_factory):
             done = run_export(model, *args, "--version", version)
             assert done.returncode == 0, done.stderr
     with running_server(repository, root / "tritonserver.log") as triton:
+        # Before any client request: what the statistics count now is the warm-up.
+        triton.stats_at_ready = {
+            model: version_stats(triton, model) for model in (CLASSIFIER, ENCODER, DECODER)
+        }
         yield triton
+
+
+def version_stats(server, model: str) -> dict[str, dict]:
+    response = server.get(f"/v2/models/{model}/stats")
+    assert response.status_code == 200, response.text
+    return {stats["version"]: stats for stats in response.json()["model_stats"]}
 
 
 def test_every_exported_model_version_is_ready(exported_server):
@@ -366,6 +417,19 @@ def test_every_exported_model_version_is_ready(exported_server):
     for model in (CLASSIFIER, ENCODER, DECODER):
         states = {entry["version"]: entry.get("state") for entry in index[model]}
         assert states == {"1": "READY", "2": "READY"}, (model, index[model])
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, DECODER])
+def test_exported_models_warm_up_through_the_backend(exported_server, model):
+    """Each version's instance ran the config's warm-up sample at load, reported by the
+    backend as one successful execution (see tests/test_lifecycle.py)."""
+    stats = exported_server.stats_at_ready[model]
+    assert set(stats) == {"1", "2"}, stats
+    for version, entry in stats.items():
+        inference = entry["inference_stats"]
+        assert (entry["execution_count"], entry["inference_count"]) == (1, 1), (version, entry)
+        assert inference["success"]["count"] == 1 and inference["fail"]["count"] == 0, entry
+    assert "failed to run warmup sample" not in exported_server.log()
 
 
 @pytest.mark.parametrize("version", ["1", "2"])

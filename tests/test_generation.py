@@ -605,3 +605,22 @@ def test_statistics(server):
     assert after["inference_count"] - before["inference_count"] == 3
     assert after["execution_count"] - before["execution_count"] == 3
     assert failed == 1
+
+
+# --- 10. the uncached baseline ---------------------------------------------------------------
+
+
+def test_without_kv_cache_the_tokens_are_the_same(repository_copy, start_server):
+    """use_cache=false re-runs the whole sequence at every step (the benchmark's
+    baseline): greedy output must equal the cached path's, i.e. transformers'."""
+    repository = repository_copy(MODEL)
+    config = repository / MODEL / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + 'parameters: { key: "use_cache", value: { string_value: "false" } }\n'
+    )
+    uncached = start_server(repository)
+    for version in VERSIONS:
+        refs = cases(version)
+        texts = generate(uncached, [ref["prompt"] for ref in refs], version, **GREEDY)
+        assert texts == [expected_text(ref) for ref in refs]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::error::BackendError;
-use crate::generation::{GENERATION_PARAMETERS, MAX_PROMPTS};
+use crate::generation::{GENERATION_PARAMETERS, MAX_PROMPTS, USE_CACHE};
 
 /// An input or output declared in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,8 +169,8 @@ impl TaskKind {
 }
 
 /// Parameter names this backend accepts in `config.pbtxt`, besides the generation
-/// defaults ([`GENERATION_PARAMETERS`]), `eos_token` and `max_prompts_per_request` of
-/// `text-generation` models.
+/// defaults ([`GENERATION_PARAMETERS`]), `eos_token`, `max_prompts_per_request` and
+/// `use_cache` of `text-generation` models.
 pub const KNOWN_PARAMETERS: &[&str] = &[
     "task",
     "max_sequence_length",
@@ -215,14 +215,15 @@ fn positive_int(
 impl ModelSettings {
     pub fn from_parameters(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError> {
         let is_generation_setting = |key: &str| {
-            key == EOS_TOKEN || key == MAX_PROMPTS || GENERATION_PARAMETERS.contains(&key)
+            [EOS_TOKEN, MAX_PROMPTS, USE_CACHE].contains(&key)
+                || GENERATION_PARAMETERS.contains(&key)
         };
         if let Some(unknown) = parameters
             .keys()
             .find(|key| !KNOWN_PARAMETERS.contains(&key.as_str()) && !is_generation_setting(key))
         {
             return Err(config_error(format!(
-                "unknown parameter '{unknown}'; known parameters: {}, and for text-generation {}, {EOS_TOKEN}, {MAX_PROMPTS}",
+                "unknown parameter '{unknown}'; known parameters: {}, and for text-generation {}, {EOS_TOKEN}, {MAX_PROMPTS}, {USE_CACHE}",
                 KNOWN_PARAMETERS.join(", "),
                 GENERATION_PARAMETERS.join(", ")
             )));

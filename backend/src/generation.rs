@@ -25,6 +25,8 @@ pub const TEXT_OUTPUT: &str = "text_output";
 pub const STREAM_INPUT: &str = "stream";
 /// Config parameter: how many prompts one request may hold.
 pub const MAX_PROMPTS: &str = "max_prompts_per_request";
+/// Config parameter: "false" re-runs the whole sequence at every step (a baseline).
+pub const USE_CACHE: &str = "use_cache";
 /// The default of [`MAX_PROMPTS`]: each prompt costs its own KV cache.
 pub const DEFAULT_MAX_PROMPTS: usize = 64;
 
@@ -419,16 +421,17 @@ pub struct Generator {
     defaults: GenerationParams,
     mode: ResponseMode,
     max_prompts: usize,
+    use_cache: bool,
 }
 
 impl Generator {
+    /// A generator answering whole responses, with the KV cache and at most
+    /// [`DEFAULT_MAX_PROMPTS`] prompts per request; the `with_*` methods change that.
     pub fn new(
         tokenizer: Tokenizer,
         eos_token: Option<&str>,
         context_length: usize,
         defaults: GenerationParams,
-        mode: ResponseMode,
-        max_prompts: usize,
     ) -> Result<Self, BackendError> {
         let eos_token = eos_token.unwrap_or("<|endoftext|>");
         let eos_id = tokenizer.token_to_id(eos_token).map(i64::from).ok_or_else(|| {
@@ -441,9 +444,27 @@ impl Generator {
             eos_id,
             context_length,
             defaults,
-            mode,
-            max_prompts,
+            mode: ResponseMode::Whole,
+            max_prompts: DEFAULT_MAX_PROMPTS,
+            use_cache: true,
         })
+    }
+
+    pub fn with_mode(mut self, mode: ResponseMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn with_max_prompts(mut self, max_prompts: usize) -> Self {
+        self.max_prompts = max_prompts;
+        self
+    }
+
+    /// Without the cache every step re-runs the whole sequence (same tokens, much
+    /// slower): a baseline for benchmarks and a check of the cached path.
+    pub fn with_cache(mut self, use_cache: bool) -> Self {
+        self.use_cache = use_cache;
+        self
     }
 
     /// The tokenizer itself (for memory accounting).
@@ -536,6 +557,29 @@ impl Generator {
         requests: &[GenerationRequest],
         progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
+        let rows = self.generate(session, binding, requests, progress)?;
+        self.outputs(requests, rows)
+    }
+
+    /// The new token ids of each prompt, request after request (what benchmarks count).
+    pub fn generate_ids(
+        &self,
+        session: &mut Session,
+        binding: &DecoderBinding,
+        requests: &[GenerationRequest],
+        progress: &mut dyn GenerationProgress,
+    ) -> Result<Vec<Vec<i64>>, BackendError> {
+        let rows = self.generate(session, binding, requests, progress)?;
+        Ok(rows.into_iter().map(|row| row.generated).collect())
+    }
+
+    fn generate<'g>(
+        &'g self,
+        session: &mut Session,
+        binding: &DecoderBinding,
+        requests: &'g [GenerationRequest],
+        progress: &mut dyn GenerationProgress,
+    ) -> Result<Vec<Row<'g>>, BackendError> {
         let mut rows = Vec::new();
         for (request_index, request) in requests.iter().enumerate() {
             for (index, prompt) in request.prompts.iter().enumerate() {
@@ -555,7 +599,15 @@ impl Generator {
             }
         }
         self.decode_loop(session, binding, &mut rows, requests, progress)?;
+        Ok(rows)
+    }
 
+    /// Each request's final outputs from its generated rows.
+    fn outputs(
+        &self,
+        requests: &[GenerationRequest],
+        rows: Vec<Row<'_>>,
+    ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
         let mut finished = rows.into_iter();
         let mut results = Vec::with_capacity(requests.len());
         for request in requests {
@@ -628,28 +680,32 @@ impl Generator {
         let batch = rows.len();
         let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
         // Left padding: every prompt ends at the same column, so one step feeds all rows.
-        let mut input_ids = Vec::with_capacity(batch * width);
-        let mut mask = Vec::with_capacity(batch * width);
-        let mut positions = Vec::with_capacity(batch * width);
+        let mut ids = Columns::new(batch);
+        let mut mask = Columns::new(batch);
+        let mut positions = Columns::new(batch);
         for row in rows.iter() {
             let pad = width - row.prompt.len();
-            input_ids
-                .extend(std::iter::repeat_n(self.eos_id, pad).chain(row.prompt.iter().copied()));
-            mask.extend(
+            ids.extend_row(std::iter::repeat_n(self.eos_id, pad).chain(row.prompt.iter().copied()));
+            mask.extend_row(
                 std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, row.prompt.len())),
             );
-            positions.extend(std::iter::repeat_n(0i64, pad).chain(0..row.prompt.len() as i64));
+            positions.extend_row(std::iter::repeat_n(0i64, pad).chain(0..row.prompt.len() as i64));
         }
+        let empty_past = || -> Result<Vec<DynValue>, BackendError> {
+            (0..binding.layers * 2)
+                .map(|_| {
+                    let empty = Tensor::<f32>::from_array((
+                        [batch, binding.heads, 0, binding.head_dim],
+                        Vec::new(),
+                    ))?;
+                    Ok(empty.into_dyn())
+                })
+                .collect()
+        };
+        let mut past = empty_past()?;
+        // Columns fed this step: the whole prompt first; then, with the cache, only
+        // the newest column.
         let mut step_width = width;
-        let mut past: Vec<DynValue> = Vec::with_capacity(binding.layers * 2);
-        for _ in 0..binding.layers * 2 {
-            let empty = Tensor::<f32>::from_array((
-                [batch, binding.heads, 0, binding.head_dim],
-                Vec::new(),
-            ))?;
-            past.push(empty.into_dyn());
-        }
-        let mut attended = width;
         loop {
             for row in rows.iter_mut().filter(|r| !r.finished) {
                 row.finished = progress.is_cancelled(row.request);
@@ -660,17 +716,17 @@ impl Generator {
             let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                 (
                     "input_ids".into(),
-                    Tensor::from_array(([batch, step_width], input_ids))?.into(),
+                    Tensor::from_array(([batch, step_width], ids.last(step_width)))?.into(),
                 ),
                 (
                     "attention_mask".into(),
-                    Tensor::from_array(([batch, attended], mask.clone()))?.into(),
+                    Tensor::from_array(([batch, mask.width()], mask.last(mask.width())))?.into(),
                 ),
             ];
             if binding.has_position_ids {
                 feeds.push((
                     "position_ids".into(),
-                    Tensor::from_array(([batch, step_width], positions.clone()))?.into(),
+                    Tensor::from_array(([batch, step_width], positions.last(step_width)))?.into(),
                 ));
             }
             for (i, value) in past.drain(..).enumerate() {
@@ -715,34 +771,80 @@ impl Generator {
             if rows.iter().all(|r| r.finished) {
                 return Ok(());
             }
-            for i in 0..binding.layers {
-                for part in ["key", "value"] {
-                    let name = format!("present.{i}.{part}");
-                    past.push(outputs.remove(&name).ok_or_else(|| {
-                        BackendError::Onnx(format!("the decoder returned no '{name}'"))
-                    })?);
+            if self.use_cache {
+                for i in 0..binding.layers {
+                    for part in ["key", "value"] {
+                        let name = format!("present.{i}.{part}");
+                        past.push(outputs.remove(&name).ok_or_else(|| {
+                            BackendError::Onnx(format!("the decoder returned no '{name}'"))
+                        })?);
+                    }
                 }
+                step_width = 1;
+            } else {
+                past = empty_past()?;
+                step_width += 1;
             }
             drop(outputs);
             // Each active row's next position follows its own last one. A finished row
             // only rides along (its logits are ignored) and keeps its position, which
             // must stay inside the model's position table.
-            positions = rows
-                .iter()
-                .enumerate()
-                .map(|(r, row)| {
-                    let last = positions[r * step_width + step_width - 1];
-                    if row.finished { last } else { last + 1 }
-                })
+            let next_positions: Vec<i64> = positions
+                .last(1)
+                .into_iter()
+                .zip(rows.iter())
+                .map(|(last, row)| if row.finished { last } else { last + 1 })
                 .collect();
-            input_ids = next;
-            step_width = 1;
-            attended += 1;
-            mask = mask
-                .chunks(attended - 1)
-                .flat_map(|row| row.iter().copied().chain(std::iter::once(1)))
-                .collect();
+            positions.push_column(&next_positions);
+            ids.push_column(&next);
+            mask.push_column(&vec![1; batch]);
         }
+    }
+}
+
+/// A batch of equally long rows (row-major) that grows by one column per step.
+struct Columns {
+    rows: usize,
+    values: Vec<i64>,
+}
+
+impl Columns {
+    fn new(rows: usize) -> Self {
+        Columns {
+            rows,
+            values: Vec::new(),
+        }
+    }
+
+    fn width(&self) -> usize {
+        self.values.len().checked_div(self.rows).unwrap_or(0)
+    }
+
+    /// Appends the next row while the columns are being filled row by row.
+    fn extend_row(&mut self, row: impl IntoIterator<Item = i64>) {
+        self.values.extend(row);
+    }
+
+    fn push_column(&mut self, column: &[i64]) {
+        let width = self.width();
+        let mut values = Vec::with_capacity(self.values.len() + self.rows);
+        for (row, &value) in column.iter().enumerate() {
+            values.extend_from_slice(&self.values[row * width..(row + 1) * width]);
+            values.push(value);
+        }
+        self.values = values;
+    }
+
+    /// The last `count` columns, row-major.
+    fn last(&self, count: usize) -> Vec<i64> {
+        let width = self.width();
+        if width == 0 {
+            return Vec::new();
+        }
+        self.values
+            .chunks(width)
+            .flat_map(|row| row[width - count.min(width)..].iter().copied())
+            .collect()
     }
 }
 
@@ -1051,6 +1153,20 @@ mod tests {
         assert_ne!(draw(&free, 7), draw(&free, 8));
         let seen: HashSet<usize> = draw(&free, 3).into_iter().collect();
         assert!(seen.len() >= 3, "sampling explores: {seen:?}");
+    }
+
+    #[test]
+    fn columns_grow_one_column_at_a_time() {
+        let mut columns = Columns::new(2);
+        columns.extend_row([1, 2]);
+        columns.extend_row([3, 4]);
+        columns.push_column(&[5, 6]);
+        assert_eq!(columns.width(), 3);
+        assert_eq!(columns.last(3), [1, 2, 5, 3, 4, 6]);
+        assert_eq!(columns.last(1), [5, 6]);
+        let mut empty = Columns::new(2);
+        empty.push_column(&[7, 8]);
+        assert_eq!(empty.last(1), [7, 8]);
     }
 
     fn demo_tokenizer() -> Tokenizer {

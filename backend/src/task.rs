@@ -10,7 +10,7 @@ use crate::config::{EOS_TOKEN, ModelConfig, ModelSettings, TaskKind};
 use crate::error::BackendError;
 use crate::generation::{
     DEFAULT_MAX_PROMPTS, DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationProgress,
-    GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
+    GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT, USE_CACHE,
 };
 use crate::pipeline::{
     Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
@@ -113,14 +113,26 @@ impl TaskLogic {
             .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
         let defaults = GenerationParams::from_config(&config.parameters, context_length)?;
         let eos_token = config.parameters.get(EOS_TOKEN).map(String::as_str);
-        Ok(TaskLogic::Generation(Generator::new(
-            load_tokenizer(tokenizer_path)?,
-            eos_token,
-            context_length,
-            defaults,
-            mode,
-            max_prompts,
-        )?))
+        let use_cache = match config.parameters.get(USE_CACHE).map(|v| v.trim()) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(BackendError::Config(format!(
+                    "parameter '{USE_CACHE}' must be true or false, got '{other}'"
+                )));
+            }
+        };
+        Ok(TaskLogic::Generation(
+            Generator::new(
+                load_tokenizer(tokenizer_path)?,
+                eos_token,
+                context_length,
+                defaults,
+            )?
+            .with_mode(mode)
+            .with_max_prompts(max_prompts)
+            .with_cache(use_cache),
+        ))
     }
 
     /// The tokenizer of this model version.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
-use triton_rust::generation::{DEFAULT_MAX_PROMPTS, GenerationParams, Generator, ResponseMode};
+use triton_rust::generation::{GenerationParams, Generator};
 use triton_rust::tokenize::load_tokenizer;
 
 /// GPT-2's `n_positions`: the task's context length for the real model.
@@ -27,15 +27,8 @@ fn generator() -> &'static Generator {
     static GENERATOR: OnceLock<Generator> = OnceLock::new();
     GENERATOR.get_or_init(|| {
         let tokenizer = load_tokenizer(&fixture()).expect("the GPT-2 fixture loads");
-        Generator::new(
-            tokenizer,
-            None,
-            CONTEXT_LENGTH,
-            GenerationParams::default(),
-            ResponseMode::Whole,
-            DEFAULT_MAX_PROMPTS,
-        )
-        .expect("a generator over the GPT-2 tokenizer")
+        Generator::new(tokenizer, None, CONTEXT_LENGTH, GenerationParams::default())
+            .expect("a generator over the GPT-2 tokenizer")
     })
 }
 

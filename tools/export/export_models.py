@@ -15,10 +15,10 @@ Each model is loaded with `from_pretrained` (hub id or local directory; --source
 exports the test models (same input and output names, GPT-2 with past key values),
 checked against the PyTorch model with onnxruntime, and laid out by repository_layout.py
 as <DIR>/<MODEL>/<N>/{model.onnx,tokenizer.json,manifest.json} plus
-<DIR>/<MODEL>/config.pbtxt. Exporting needs torch and transformers
-(tools/export/requirements.txt); --exported DIR skips it and lays out a directory that
-already holds model.onnx, tokenizer.json and the Hugging Face config.json, which needs
-only the Python standard library. See docs/real-models.md.
+<DIR>/<MODEL>/config.pbtxt and the warm-up data it names, <DIR>/<MODEL>/warmup/text_input.bin.
+Exporting needs torch and transformers (tools/export/requirements.txt); --exported DIR skips
+it and lays out a directory that already holds model.onnx, tokenizer.json and the Hugging
+Face config.json, which needs only the Python standard library. See docs/real-models.md.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def export(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
     target = layout.Target(args.repository, name, args.version)
     model, tokenizer = load_source(spec, source, args.revision)
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    config_text = layout.render_config(name, spec.task, model.config.to_dict(), tokenizer_json)
-    layout.check_target(target, config_text, args.force)
+    files = layout.model_files(name, spec.task, model.config.to_dict(), tokenizer_json)
+    layout.check_target(target, files, args.force)
     with tempfile.TemporaryDirectory(prefix=f"export-{name}-") as staging:
         staging = Path(staging)
         save_metadata(model, tokenizer, staging)

@@ -5,6 +5,7 @@ The export step (export_models.py, torch + transformers) leaves a directory hold
 into what the rust backend serves:
 
     <repository>/<model>/config.pbtxt               backend "rust", from config.json
+    <repository>/<model>/warmup/text_input.bin      the config's warm-up request
     <repository>/<model>/<version>/model.onnx
     <repository>/<model>/<version>/tokenizer.json
     <repository>/<model>/<version>/manifest.json    source, revision, sha256, date, tools
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +29,9 @@ from pathlib import Path
 EXPORTED_FILES = ("model.onnx", "tokenizer.json")
 HF_CONFIG = "config.json"
 MANIFEST = "manifest.json"
+CONFIG = "config.pbtxt"
+# Triton reads a model_warmup sample's input_data_file from <model>/warmup/.
+WARMUP_FILE = "warmup/text_input.bin"
 
 # RoBERTa-family position ids start after the padding index, so max_position_embeddings
 # (514 for roberta-base) exceeds the usable tokens (512) by pad_token_id + 1.
@@ -69,7 +74,7 @@ class Target:
 
     @property
     def config_path(self) -> Path:
-        return self.model_dir / "config.pbtxt"
+        return self.model_dir / CONFIG
 
 
 # --------------------------------------------------------------------------- #
@@ -123,6 +128,83 @@ instance_group [ { count: 1, kind: KIND_CPU } ]
 
 # The sampling defaults of the example gpt2-small configuration.
 _GENERATION_DEFAULTS = (("max_new_tokens", "50"), ("temperature", "0.7"), ("do_sample", "true"))
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The model_warmup sample of a task: its name and the texts of its text_input."""
+
+    sample: str
+    texts: tuple[str, ...]
+    what: str  # what the texts are, for the config's comment ("text", "prompt")
+    note: str = ""  # more comment lines, each ending in a newline
+
+
+# The warm-up of the example configs, texts included (model-repository/<model>/warmup/).
+WARMUPS = {
+    "sentiment-classifier": Warmup(
+        "two_texts", ("What a wonderful day to warm up a model!", "Not great."), "text"
+    ),
+    "feature-extraction": Warmup(
+        "two_texts", ("The quick brown fox jumps over the lazy dog.", "Warm-up text."), "text"
+    ),
+    "text-generation": Warmup(
+        "short_prompt",
+        ("The weather today is",),
+        "prompt",
+        "# It generates max_new_tokens (the default above) for one short prompt: a warm-up\n"
+        "# request cannot carry request parameters.\n",
+    ),
+}
+
+_WARMUP = """
+# Warm-up: when each instance loads, Triton sends it this request (through this backend)
+# before the model is ready, so the first client request does not pay for ONNX Runtime's
+# first run. warmup/text_input.bin holds a serialized BYTES tensor of {count} {what}{s}: per element
+# a 4-byte little-endian length, then the UTF-8 bytes (a plain-text file is refused).
+{note}model_warmup [
+  {{
+    name: {sample}
+    batch_size: 1
+    inputs {{
+      key: "text_input"
+      value: {{ data_type: TYPE_STRING, dims: [ {count} ], input_data_file: {file} }}
+    }}
+  }}
+]
+"""
+
+
+def bytes_tensor(texts) -> bytes:
+    """Texts serialized as a Triton BYTES tensor, the form a TYPE_STRING warm-up file must
+    have: per element a 4-byte little-endian length, then its UTF-8 bytes."""
+    encoded = [text.encode("utf-8") for text in texts]
+    return b"".join(struct.pack("<I", len(data)) + data for data in encoded)
+
+
+def _warmup(task: str) -> Warmup:
+    if task not in WARMUPS:
+        raise LayoutError(f"unknown task {task!r}")
+    return WARMUPS[task]
+
+
+def warmup_data(task: str) -> bytes:
+    """The contents of <model>/warmup/text_input.bin for `task`."""
+    return bytes_tensor(_warmup(task).texts)
+
+
+def render_warmup(task: str) -> str:
+    """The config's model_warmup block, with the comment above it, as in the examples."""
+    warmup = _warmup(task)
+    count = len(warmup.texts)
+    return _WARMUP.format(
+        count=count,
+        what=warmup.what,
+        s="" if count == 1 else "s",
+        note=warmup.note,
+        sample=pbtxt_string(warmup.sample),
+        file=pbtxt_string(Path(WARMUP_FILE).name),
+    )
 
 
 def pbtxt_string(value: str) -> str:
@@ -191,8 +273,8 @@ def _parameters(pairs) -> str:
 
 
 def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> str:
-    """The config.pbtxt of `model`: the example configs' shape, with the sizes, labels,
-    context length and end-of-text token of this export."""
+    """The config.pbtxt of `model`: the example configs' shape and warm-up, with the sizes,
+    labels, context length and end-of-text token of this export."""
     length = ("max_sequence_length", str(context_length(hf_config)))
     threads = ("intra_op_thread_count", "1")
     if task == "sentiment-classifier":
@@ -208,7 +290,20 @@ def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> st
         pairs = [("task", task), length, *_GENERATION_DEFAULTS, ("eos_token", eos), threads]
     else:
         raise LayoutError(f"unknown task {task!r}")
-    return _HEADER.format(name=pbtxt_string(model)) + io + _INSTANCES + _parameters(pairs)
+    return (
+        _HEADER.format(name=pbtxt_string(model))
+        + io
+        + _INSTANCES
+        + _parameters(pairs)
+        + render_warmup(task)
+    )
+
+
+def model_files(model: str, task: str, hf_config: dict, tokenizer: dict) -> dict[str, bytes]:
+    """The files of the model directory that all its versions share, by path relative to
+    it: config.pbtxt and the warm-up data it names."""
+    config_text = render_config(model, task, hf_config, tokenizer)
+    return {CONFIG: config_text.encode("utf-8"), WARMUP_FILE: warmup_data(task)}
 
 
 # --------------------------------------------------------------------------- #
@@ -231,21 +326,29 @@ def read_exported(exported: Path) -> tuple[dict, dict]:
         raise LayoutError(f"{exported}: {error}") from None
 
 
-def check_target(target: Target, config_text: str, force: bool) -> None:
+def check_target(target: Target, files: dict[str, bytes], force: bool) -> None:
     """Refuses to replace what exists unless `force`: the version directory, or a
-    config.pbtxt that differs from `config_text` (other labels or sizes, or local edits
-    that every version of the model shares)."""
-    if target.version_dir.exists() and not force:
+    model-level file (config.pbtxt, the warm-up data) that differs from the one in `files`
+    (other labels or sizes, or local edits that every version of the model shares)."""
+    if force:
+        return
+    if target.version_dir.exists():
         raise LayoutError(f"{target.version_dir} exists; pass --force to replace it")
-    if (
-        target.config_path.exists()
-        and target.config_path.read_text(encoding="utf-8") != config_text
-        and not force
-    ):
-        raise LayoutError(
-            f"{target.config_path} differs from the one this export needs; "
-            "pass --force to replace it"
-        )
+    for name, data in files.items():
+        path = target.model_dir / name
+        if path.exists() and path.read_bytes() != data:
+            raise LayoutError(
+                f"{path} differs from the one this export needs; pass --force to replace it"
+            )
+
+
+def write_model_files(target: Target, files: dict[str, bytes]) -> None:
+    """Writes the model-level files, config.pbtxt last: the server may be polling the
+    repository, and the config must not name a warm-up file that is not there yet."""
+    for name in sorted(files, key=lambda name: name == CONFIG):
+        path = target.model_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(files[name])
 
 
 def sha256_file(path: Path) -> str:
@@ -262,7 +365,9 @@ def utc_now() -> str:
 
 
 def manifest(directory: Path, target: Target, task: str, provenance: Provenance) -> dict:
-    """What a version directory holds and where it came from."""
+    """What a version directory holds and where it came from. The model-level files
+    (config.pbtxt, the warm-up data) belong to all versions, not this one, so they are
+    not recorded here."""
     return {
         "model": target.model,
         "version": target.version,
@@ -291,8 +396,8 @@ def install(
     not numbers).
     """
     hf_config, tokenizer = read_exported(exported)
-    config_text = render_config(target.model, task, hf_config, tokenizer)
-    check_target(target, config_text, force)
+    files = model_files(target.model, task, hf_config, tokenizer)
+    check_target(target, files, force)
     target.model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{target.version}-", dir=target.model_dir))
     try:
@@ -308,5 +413,5 @@ def install(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    target.config_path.write_text(config_text, encoding="utf-8")
+    write_model_files(target, files)
     return target.version_dir

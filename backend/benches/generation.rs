@@ -1,0 +1,170 @@
+//! Generation throughput: tokens per second with the KV cache against the uncached
+//! baseline (every step re-runs the whole sequence), for batches of 1 and 8 prompts, on
+//! the same model, session and settings, in one run. Greedy decoding, so both paths
+//! must produce the same tokens; the benchmark checks that before it reports.
+//!
+//! Run: `scripts/bench-generation.sh` (builds, finds ONNX Runtime, runs this).
+//! Environment:
+//!   ORT_DYLIB_PATH        libonnxruntime.so to load (the script sets it)
+//!   BENCH_MODEL_DIR       a version directory with model.onnx + tokenizer.json
+//!                         (default: model-repository/gpt2-small/1)
+//!   BENCH_CONTEXT         the model's context length (default 128, the demo model's)
+//!   BENCH_NEW_TOKENS      new tokens per prompt (default 64)
+//!   BENCH_ROUNDS          timed rounds per case; the median is reported (default 5)
+//!   BENCH_THREADS         intra-op threads (default 1)
+//!   BENCH_DEVICE          "cpu" (default) or "cuda" (needs the CUDA build of ORT)
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use triton_rust::bytes_tensor;
+use triton_rust::generation::{
+    DecoderBinding, GenerationParams, GenerationProgress, GenerationRequest, Generator,
+};
+use triton_rust::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
+use triton_rust::pipeline::OutputTensor;
+use triton_rust::tokenize::load_tokenizer;
+use triton_rust::triton::{DataType, InputTensor, ParameterValue};
+
+const PROMPTS: [&str; 8] = [
+    "The weather today is",
+    "Once upon a time",
+    "My favourite food is",
+    "In the beginning the",
+    "Hello",
+    "The quick brown fox jumps over",
+    "Machine learning models",
+    "A long time ago in a galaxy",
+];
+
+/// Nothing is cancelled and nothing streams.
+struct NoProgress;
+
+impl GenerationProgress for NoProgress {
+    fn is_cancelled(&self, _request: usize) -> bool {
+        false
+    }
+
+    fn send_partial(&mut self, _request: usize, _outputs: Vec<OutputTensor>) -> bool {
+        true
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value} is not valid")),
+        Err(_) => default,
+    }
+}
+
+fn request(generator: &Generator, batch: usize, new_tokens: usize) -> GenerationRequest {
+    let prompts: Vec<&str> = PROMPTS.iter().copied().cycle().take(batch).collect();
+    let text = InputTensor {
+        datatype: DataType::Bytes,
+        shape: vec![batch as i64],
+        data: bytes_tensor::encode_elements(&prompts),
+    };
+    let parameters = [
+        ("do_sample".to_string(), ParameterValue::Bool(false)),
+        (
+            "max_new_tokens".to_string(),
+            ParameterValue::Int(new_tokens as i64),
+        ),
+    ];
+    generator
+        .prepare(&text, None, &parameters)
+        .expect("a valid benchmark request")
+}
+
+/// One timed generation: its duration and the tokens it made.
+fn timed(
+    generator: &Generator,
+    session: &mut ort::session::Session,
+    binding: &DecoderBinding,
+    request: &GenerationRequest,
+) -> (Duration, Vec<Vec<i64>>) {
+    let started = Instant::now();
+    let ids = generator
+        .generate_ids(
+            session,
+            binding,
+            std::slice::from_ref(request),
+            &mut NoProgress,
+        )
+        .expect("generation runs");
+    (started.elapsed(), ids)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let model_dir = std::env::var("BENCH_MODEL_DIR").map_or_else(
+        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-repository/gpt2-small/1"),
+        PathBuf::from,
+    );
+    let context: usize = env_or("BENCH_CONTEXT", 128);
+    let new_tokens: usize = env_or("BENCH_NEW_TOKENS", 64);
+    let rounds: usize = env_or("BENCH_ROUNDS", 5);
+    let threads: usize = env_or("BENCH_THREADS", 1);
+    let device = match std::env::var("BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda { device_id: 0 },
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("BENCH_DEVICE={other}: use cpu or cuda"),
+    };
+
+    let env_path = std::env::var("ORT_DYLIB_PATH").ok();
+    let library = OnnxRuntimeLibrary::resolve(None, env_path.as_deref(), Path::new("."));
+    let environment = onnx::environment(&library).expect("ONNX Runtime loads (set ORT_DYLIB_PATH)");
+    let options = SessionOptions {
+        intra_op_threads: threads,
+        inter_op_threads: 1,
+        device,
+    };
+    let mut session = onnx::load_session(&environment, &model_dir.join("model.onnx"), options)
+        .expect("the model loads");
+    let binding = DecoderBinding::new(&session).expect("a decoder with past key values");
+    let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json")).expect("tokenizer loads");
+    let cached =
+        Generator::new(tokenizer, None, context, GenerationParams::default()).expect("generator");
+    let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json")).expect("tokenizer loads");
+    let uncached = Generator::new(tokenizer, None, context, GenerationParams::default())
+        .expect("generator")
+        .with_cache(false);
+
+    println!(
+        "model {} on {device:?}, {threads} intra-op thread(s), {new_tokens} new tokens per prompt, \
+         median of {rounds} rounds",
+        model_dir.display()
+    );
+    println!("| batch | tokens | with KV cache (tok/s) | without cache (tok/s) | speed-up |");
+    println!("|---:|---:|---:|---:|---:|");
+    for batch in [1, 8] {
+        let request = request(&cached, batch, new_tokens);
+        // Untimed first runs: ONNX Runtime plans its kernels on the first shapes it sees.
+        let (_, reference) = timed(&cached, &mut session, &binding, &request);
+        let (_, baseline) = timed(&uncached, &mut session, &binding, &request);
+        assert_eq!(
+            reference, baseline,
+            "the uncached path must make the same tokens"
+        );
+        let tokens: usize = reference.iter().map(Vec::len).sum();
+        let (mut with_cache, mut without_cache) = (Vec::new(), Vec::new());
+        // Alternate the two paths so that drift in the machine's speed hits both.
+        for _ in 0..rounds {
+            let (elapsed, _) = timed(&cached, &mut session, &binding, &request);
+            with_cache.push(tokens as f64 / elapsed.as_secs_f64());
+            let (elapsed, _) = timed(&uncached, &mut session, &binding, &request);
+            without_cache.push(tokens as f64 / elapsed.as_secs_f64());
+        }
+        let (with_cache, without_cache) = (median(with_cache), median(without_cache));
+        println!(
+            "| {batch} | {tokens} | {with_cache:.0} | {without_cache:.0} | {:.2}x |",
+            with_cache / without_cache
+        );
+    }
+}
