@@ -127,7 +127,7 @@ fn main() {
     };
     let mut session = onnx::load_session(&environment, &model_dir.join("model.onnx"), options)
         .expect("the model loads");
-    let binding = DecoderBinding::new(&session).expect("a decoder with past key values");
+    let binding = DecoderBinding::new(&session, device).expect("a decoder with past key values");
     let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json")).expect("tokenizer loads");
     let cached =
         Generator::new(tokenizer, None, context, GenerationParams::default()).expect("generator");

@@ -2,10 +2,10 @@
 //! values: one prefill over the left-padded prompts, then one step per new token that
 //! reuses the cache. Free of Triton FFI.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
 use ort::value::{DynValue, Tensor, ValueType};
 use tokenizers::{
     DecodeStream, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
@@ -14,6 +14,7 @@ use tokenizers::{
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
+use crate::onnx::Device;
 use crate::pipeline::{OutputTensor, read_texts};
 use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
@@ -296,17 +297,38 @@ pub fn choose_token(
     order[probabilities.len().saturating_sub(1)]
 }
 
-/// The decoder's cache layout, read from the graph when an instance loads.
+/// The decoder's cache layout, read from the graph when an instance loads, and where
+/// the cache lives between steps.
 #[derive(Debug, Clone)]
 pub struct DecoderBinding {
     layers: usize,
     heads: usize,
     head_dim: usize,
     has_position_ids: bool,
+    /// The session's device: `present.*` outputs stay there and come back as the next
+    /// step's `past_key_values.*` (IO binding), so on a GPU the cache never crosses to
+    /// the host.
+    cache_memory: MemoryInfo<'static>,
+    /// Host memory: logits are read by the sampler on the CPU.
+    host_memory: MemoryInfo<'static>,
+}
+
+fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
+    let (allocation_device, device_id) = match device {
+        Device::Cpu => (AllocationDevice::CPU, 0),
+        Device::Cuda { device_id } => (AllocationDevice::CUDA, device_id),
+    };
+    Ok(MemoryInfo::new(
+        allocation_device,
+        device_id,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?)
 }
 
 impl DecoderBinding {
-    pub fn new(session: &Session) -> Result<Self, BackendError> {
+    /// Checks the decoder's inputs and outputs; `device` is where `session` runs.
+    pub fn new(session: &Session, device: Device) -> Result<Self, BackendError> {
         let unsupported = |m: String| Err(BackendError::Unsupported(m));
         let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         for required in ["input_ids", "attention_mask"] {
@@ -375,6 +397,8 @@ impl DecoderBinding {
             heads,
             head_dim,
             has_position_ids: names.contains(&"position_ids"),
+            cache_memory: memory_info(device)?,
+            host_memory: memory_info(Device::Cpu)?,
         })
     }
 }
@@ -703,6 +727,7 @@ impl Generator {
                 .collect()
         };
         let mut past = empty_past()?;
+        let mut io = session.create_binding()?;
         // Columns fed this step: the whole prompt first; then, with the cache, only
         // the newest column.
         let mut step_width = width;
@@ -713,30 +738,34 @@ impl Generator {
             if rows.iter().all(|r| r.finished) {
                 return Ok(());
             }
-            let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-                (
-                    "input_ids".into(),
-                    Tensor::from_array(([batch, step_width], ids.last(step_width)))?.into(),
-                ),
-                (
-                    "attention_mask".into(),
-                    Tensor::from_array(([batch, mask.width()], mask.last(mask.width())))?.into(),
-                ),
-            ];
+            // Rebound at every step: the shapes change, and an output left bound from
+            // the last run would be reused at its old shape.
+            io.clear();
+            io.bind_input(
+                "input_ids",
+                &Tensor::from_array(([batch, step_width], ids.last(step_width)))?,
+            )?;
+            io.bind_input(
+                "attention_mask",
+                &Tensor::from_array(([batch, mask.width()], mask.last(mask.width())))?,
+            )?;
             if binding.has_position_ids {
-                feeds.push((
-                    "position_ids".into(),
-                    Tensor::from_array(([batch, step_width], positions.last(step_width)))?.into(),
-                ));
+                io.bind_input(
+                    "position_ids",
+                    &Tensor::from_array(([batch, step_width], positions.last(step_width)))?,
+                )?;
             }
             for (i, value) in past.drain(..).enumerate() {
                 let part = if i % 2 == 0 { "key" } else { "value" };
-                feeds.push((
-                    format!("past_key_values.{}.{part}", i / 2).into(),
-                    value.into(),
-                ));
+                io.bind_input(format!("past_key_values.{}.{part}", i / 2), &value)?;
             }
-            let mut outputs = session.run(feeds)?;
+            io.bind_output_to_device("logits", &binding.host_memory)?;
+            for i in 0..binding.layers {
+                for part in ["key", "value"] {
+                    io.bind_output_to_device(format!("present.{i}.{part}"), &binding.cache_memory)?;
+                }
+            }
+            let mut outputs = session.run_binding(&io)?;
             let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
             let vocab = match shape[..] {
                 [b, s, v] if b as usize == batch && s as usize == step_width && v > 0 => v as usize,

@@ -127,7 +127,7 @@ impl InstanceState {
             device,
         };
         let session = onnx::load_session(&model.environment, &model.model_path, options)?;
-        let binding = model.task.bind(&session)?;
+        let binding = model.task.bind(&session, device)?;
         log_info!(
             "triton-rust: instance '{name}' of '{}' ready on {device:?}",
             model.name

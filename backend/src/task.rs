@@ -12,6 +12,7 @@ use crate::generation::{
     DEFAULT_MAX_PROMPTS, DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationProgress,
     GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT, USE_CACHE,
 };
+use crate::onnx::Device;
 use crate::pipeline::{
     Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
 };
@@ -143,10 +144,13 @@ impl TaskLogic {
         }
     }
 
-    pub fn bind(&self, session: &Session) -> Result<TaskBinding, BackendError> {
+    /// How an instance's session (running on `device`) feeds this task.
+    pub fn bind(&self, session: &Session, device: Device) -> Result<TaskBinding, BackendError> {
         Ok(match self {
             TaskLogic::Encoder(pipeline) => TaskBinding::Encoder(pipeline.bind_session(session)?),
-            TaskLogic::Generation(_) => TaskBinding::Generation(DecoderBinding::new(session)?),
+            TaskLogic::Generation(_) => {
+                TaskBinding::Generation(DecoderBinding::new(session, device)?)
+            }
         })
     }
 
