@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -306,6 +307,23 @@ def test_overlong_text_is_truncated_for_encoder(server):
     assert outputs["last_hidden_state"]["shape"] == [1, MAX_SEQUENCE_LENGTH, 64]
     assert outputs["embedding"]["shape"] == [1, 64]
     assert np.all(np.isfinite(outputs["embedding"]["data"]))
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, "gpt2-small"])
+def test_text_over_the_byte_limit_is_refused_before_tokenizing(server, model):
+    """Texts longer than max_text_bytes (default 1 MiB) are refused at once: tokenizing
+    them whole would stall the instance (a 5 MB text took seconds)."""
+    limit = 1 << 20
+    started = time.monotonic()
+    response = infer(server, model, [text_input(["ok", "a" * (limit + 1)])])
+    assert_error(response, "element 1", f"{limit + 1} bytes", "max_text_bytes")
+    assert time.monotonic() - started < 5
+    # At the limit it is served (and truncated to the context).
+    just_fits = "a " * (limit // 2)
+    body = {"inputs": [text_input([just_fits])]}
+    if model == "gpt2-small":
+        body["parameters"] = {"max_new_tokens": 1}
+    assert server.post(f"/v2/models/{model}/infer", body).status_code == 200
 
 
 MANY = 64

@@ -178,7 +178,12 @@ pub const KNOWN_PARAMETERS: &[&str] = &[
     "pad_token",
     "intra_op_thread_count",
     "inter_op_thread_count",
+    "max_text_bytes",
 ];
+
+/// The default of `max_text_bytes`: far above any text a model's context can hold,
+/// low enough that tokenizing an abusive request cannot stall an instance for long.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
 
 /// Token that ends generation, for `text-generation` models.
 pub const EOS_TOKEN: &str = "eos_token";
@@ -195,6 +200,8 @@ pub struct ModelSettings {
     pub pad_token: Option<String>,
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
+    /// UTF-8 bytes per text at most; longer texts are refused before tokenization.
+    pub max_text_bytes: usize,
 }
 
 fn positive_int(
@@ -277,6 +284,8 @@ impl ModelSettings {
             pad_token,
             intra_op_threads: positive_int(parameters, "intra_op_thread_count")?.unwrap_or(1),
             inter_op_threads: positive_int(parameters, "inter_op_thread_count")?.unwrap_or(1),
+            max_text_bytes: positive_int(parameters, "max_text_bytes")?
+                .unwrap_or(DEFAULT_MAX_TEXT_BYTES),
         })
     }
 }

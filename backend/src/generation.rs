@@ -13,6 +13,7 @@ use tokenizers::{
 };
 
 use crate::bytes_tensor;
+use crate::config::DEFAULT_MAX_TEXT_BYTES;
 use crate::error::BackendError;
 use crate::onnx::Device;
 use crate::pipeline::{OutputTensor, read_texts};
@@ -445,12 +446,14 @@ pub struct Generator {
     defaults: GenerationParams,
     mode: ResponseMode,
     max_prompts: usize,
+    max_text_bytes: usize,
     use_cache: bool,
 }
 
 impl Generator {
-    /// A generator answering whole responses, with the KV cache and at most
-    /// [`DEFAULT_MAX_PROMPTS`] prompts per request; the `with_*` methods change that.
+    /// A generator answering whole responses, with the KV cache, at most
+    /// [`DEFAULT_MAX_PROMPTS`] prompts per request and [`DEFAULT_MAX_TEXT_BYTES`] bytes
+    /// per prompt; the `with_*` methods change that.
     pub fn new(
         tokenizer: Tokenizer,
         eos_token: Option<&str>,
@@ -470,6 +473,7 @@ impl Generator {
             defaults,
             mode: ResponseMode::Whole,
             max_prompts: DEFAULT_MAX_PROMPTS,
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             use_cache: true,
         })
     }
@@ -481,6 +485,11 @@ impl Generator {
 
     pub fn with_max_prompts(mut self, max_prompts: usize) -> Self {
         self.max_prompts = max_prompts;
+        self
+    }
+
+    pub fn with_max_text_bytes(mut self, max_text_bytes: usize) -> Self {
+        self.max_text_bytes = max_text_bytes;
         self
     }
 
@@ -503,7 +512,7 @@ impl Generator {
         stream: Option<&InputTensor>,
         parameters: &[(String, ParameterValue)],
     ) -> Result<GenerationRequest, BackendError> {
-        let prompts = read_texts(text)?;
+        let prompts = read_texts(text, self.max_text_bytes)?;
         if prompts.is_empty() {
             return Err(BackendError::InvalidInput(
                 "the request holds no prompt".into(),

@@ -187,6 +187,7 @@ pub struct Pipeline {
     /// Batched configs declare `text_input` with dims `[1]`: a `[B, 1]` request is B texts
     /// and its per-text outputs lead with `[B]`.
     drops_text_unit_dim: bool,
+    max_text_bytes: usize,
 }
 
 impl Pipeline {
@@ -238,6 +239,7 @@ impl Pipeline {
             labels: settings.labels.clone(),
             text,
             drops_text_unit_dim,
+            max_text_bytes: settings.max_text_bytes,
         })
     }
 
@@ -344,7 +346,7 @@ impl Pipeline {
     }
 
     fn prepare_texts(&self, input: &InputTensor) -> Result<TokenizedTexts, BackendError> {
-        let rows = read_texts(input)?
+        let rows = read_texts(input, self.max_text_bytes)?
             .iter()
             .map(|text| self.text.encode(text))
             .collect::<Result<Vec<_>, _>>()?;
@@ -606,8 +608,12 @@ fn static_last_dim(session: &Session, output: &str) -> Option<usize> {
     }
 }
 
-/// The texts of a `text_input` tensor: BYTES, one non-empty UTF-8 text per element.
-pub(crate) fn read_texts(input: &InputTensor) -> Result<Vec<String>, BackendError> {
+/// The texts of a `text_input` tensor: BYTES, one non-empty UTF-8 text of at most
+/// `max_bytes` bytes per element.
+pub(crate) fn read_texts(
+    input: &InputTensor,
+    max_bytes: usize,
+) -> Result<Vec<String>, BackendError> {
     if input.datatype != DataType::Bytes {
         return Err(BackendError::InvalidInput(format!(
             "input '{TEXT_INPUT}' must be BYTES, not {}",
@@ -615,7 +621,15 @@ pub(crate) fn read_texts(input: &InputTensor) -> Result<Vec<String>, BackendErro
         )));
     }
     let count = element_count(TEXT_INPUT, &input.shape)?;
-    bytes_tensor::decode_texts(TEXT_INPUT, &input.data, count)
+    let texts = bytes_tensor::decode_texts(TEXT_INPUT, &input.data, count)?;
+    if let Some((index, text)) = texts.iter().enumerate().find(|(_, t)| t.len() > max_bytes) {
+        return Err(BackendError::InvalidInput(format!(
+            "input '{TEXT_INPUT}' element {index} holds {} bytes; this model takes at most \
+             {max_bytes} per text (parameter 'max_text_bytes')",
+            text.len()
+        )));
+    }
+    Ok(texts)
 }
 
 /// Number of elements of a request shape; every dimension must be non-negative.

@@ -132,6 +132,7 @@ impl TaskLogic {
             )?
             .with_mode(mode)
             .with_max_prompts(max_prompts)
+            .with_max_text_bytes(settings.max_text_bytes)
             .with_cache(use_cache),
         ))
     }
