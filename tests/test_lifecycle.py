@@ -40,7 +40,9 @@ from conftest import (
 )
 
 CLASSIFIER = "sentiment-classifier"
-SHIPPED = ("sentiment-classifier", "bert-base", "gpt2-small")
+SHIPPED = ("sentiment-classifier", "bert-base", "gpt2-small", "gpt2-small-stream")
+# Versions of each shipped model (the streaming variant serves gpt2-small's version 1).
+VERSIONS_OF = {model: ("1", "2") for model in SHIPPED} | {"gpt2-small-stream": ("1",)}
 VERSIONS = ("1", "2")
 COLD = "classifier-without-warmup"
 WARM = "classifier-with-warmup"
@@ -150,7 +152,7 @@ def test_warmup_runs_through_the_backend_before_the_first_request(lifecycle_serv
     load(lifecycle_server, model)
     # No client request yet: what the statistics count is the warm-up, executed and
     # reported (with its compute times) by the backend, for every version's instance.
-    for version in VERSIONS:
+    for version in VERSIONS_OF[model]:
         stats = version_stats(lifecycle_server, model)[version]
         inference = stats["inference_stats"]
         assert (stats["execution_count"], stats["inference_count"]) == (1, 1), stats
@@ -249,7 +251,7 @@ def test_memory_usage_is_reported(lifecycle_server, model):
     if lifecycle_server.get(f"/v2/models/{model}/ready").status_code != 200:
         load(lifecycle_server, model)
     stats = version_stats(lifecycle_server, model)
-    for version in VERSIONS:
+    for version in VERSIONS_OF[model]:
         assert stats[version]["memory_usage"] == expected_usage(
             MODEL_REPOSITORY / model, version
         ), stats[version]
