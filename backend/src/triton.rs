@@ -496,18 +496,6 @@ impl InstanceHandle {
     }
 
     /// # Safety
-    /// The state must have been set with the same `T` and not taken yet, and no other
-    /// reference to it may exist (Triton runs one execute at a time per instance).
-    pub unsafe fn state_mut<'a, T>(&self) -> Result<&'a mut T> {
-        let mut raw = ptr::null_mut();
-        // SAFETY: the handle is live; `raw` is a valid out-pointer.
-        check(unsafe { sys::TRITONBACKEND_ModelInstanceState(self.0.as_ptr(), &mut raw) })?;
-        // SAFETY: per the caller, `raw` is null or the live, unaliased `Box<T>` from set_state.
-        unsafe { raw.cast::<T>().as_mut() }
-            .ok_or_else(|| Error::internal("the model instance has no state"))
-    }
-
-    /// # Safety
     /// The state must have been set with the same `T`; it must not be used afterwards.
     pub unsafe fn take_state<T>(&self) -> Result<Option<Box<T>>> {
         let mut raw = ptr::null_mut();
@@ -1194,8 +1182,7 @@ impl InstanceHandle {
     ///
     /// # Safety
     /// The state must have been set with the same `T` and not taken yet; `T` must be
-    /// `Sync`, and nothing may hold a `&mut` to it (use [`InstanceHandle::state_mut`]
-    /// for states that only execute reads).
+    /// `Sync`, and nothing may hold a `&mut` to it.
     pub unsafe fn state<'a, T: Sync>(&self) -> Result<&'a T> {
         let mut raw = ptr::null_mut();
         // SAFETY: the handle is live; `raw` is a valid out-pointer.
