@@ -126,12 +126,10 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
         // SAFETY: the backend state was set as BackendState in Initialize and lives until
         // Finalize, which runs after every model is finalized.
         let backend = unsafe { model.backend()?.state::<BackendState>() }?;
-        let state = ModelState::new(model, backend)
-            .and_then(|state| state.check_warmup(model).map(|()| state))
-            .map_err(|error| {
-                let name = model.name().unwrap_or_default();
-                Error::new(error.code, format!("model '{name}': {}", error.message))
-            })?;
+        let state = ModelState::new(model, backend).map_err(|error| {
+            let name = model.name().unwrap_or_default();
+            Error::new(error.code, format!("model '{name}': {}", error.message))
+        })?;
         if let Err(error) = model.report_memory_usage(&state.memory_usage()) {
             log_warn!(
                 "triton-rust: model '{}': cannot report memory usage: {error}",

@@ -66,9 +66,11 @@ impl ModelState {
     pub fn new(model: ModelHandle, backend: &BackendState) -> Result<Self, Error> {
         let name = model.name()?;
         let version = model.version()?;
-        let config = ModelConfig::from_json(&model.config_json()?)?;
+        let config_json = model.config_json()?;
+        let config = ModelConfig::from_json(&config_json)?;
         let settings = ModelSettings::from_parameters(&config.parameters)?;
-        let version_dir = Path::new(&model.repository_path()?).join(version.to_string());
+        let model_dir = PathBuf::from(model.repository_path()?);
+        let version_dir = model_dir.join(version.to_string());
         let model_path = version_dir.join(MODEL_FILE);
         if !model_path.is_file() {
             return Err(BackendError::ModelFile(format!(
@@ -84,7 +86,7 @@ impl ModelState {
             settings.task,
             config.max_batch_size
         );
-        Ok(ModelState {
+        let state = ModelState {
             name,
             version,
             settings,
@@ -92,7 +94,37 @@ impl ModelState {
             model_path,
             task,
             environment,
-        })
+        };
+        state.check_warmup(&config_json, &config, &model_dir)?;
+        Ok(state)
+    }
+
+    /// The memory this model version holds for all its instances: its tokenizer.
+    pub fn memory_usage(&self) -> Vec<MemoryUsage> {
+        vec![memory::tokenizer_usage(self.task.tokenizer())]
+    }
+
+    /// Puts each warm-up request Triton will send through the same input validation as a
+    /// client request: the first one the backend would refuse fails the load here, before
+    /// any instance runs it.
+    fn check_warmup(
+        &self,
+        config_json: &str,
+        config: &ModelConfig,
+        model_dir: &Path,
+    ) -> Result<(), Error> {
+        let outputs: Vec<String> = config.outputs.iter().map(|o| o.name.clone()).collect();
+        for request in warmup::warmup_requests(config_json, self.max_batch_size, model_dir)? {
+            self.task
+                .prepare(request.inputs, &[], outputs.clone())
+                .map_err(|error| {
+                    BackendError::Config(format!(
+                        "model_warmup sample '{}': {error}",
+                        request.sample
+                    ))
+                })?;
+        }
+        Ok(())
     }
 }
 
@@ -138,6 +170,14 @@ impl InstanceState {
             binding,
             device,
         })
+    }
+
+    /// The memory this instance holds: its session's weights, on its device.
+    pub fn memory_usage(&self, model: &ModelState) -> Result<Vec<MemoryUsage>, Error> {
+        Ok(vec![memory::session_weights(
+            &model.model_path,
+            self.device,
+        )?])
     }
 }
 
@@ -360,51 +400,5 @@ pub fn fail_all(requests: Vec<Request>, error: &Error) {
             }
             Err(new_error) => log_error!("triton-rust: cannot create a response: {new_error}"),
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Memory usage reports (what is counted: see memory.rs)
-
-impl ModelState {
-    /// The memory this model version holds for all its instances: its tokenizer.
-    pub fn memory_usage(&self) -> Vec<MemoryUsage> {
-        vec![memory::tokenizer_usage(self.task.tokenizer())]
-    }
-}
-
-impl InstanceState {
-    /// The memory this instance holds: its session's weights, on its device.
-    pub fn memory_usage(&self, model: &ModelState) -> Result<Vec<MemoryUsage>, Error> {
-        Ok(vec![memory::session_weights(
-            &model.model_path,
-            self.device,
-        )?])
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Warm-up samples, checked at load (why: see warmup.rs)
-
-impl ModelState {
-    /// Puts each warm-up request Triton will send through the same input validation as a
-    /// client request: the first one the backend would refuse fails the load here, before
-    /// any instance runs it.
-    pub fn check_warmup(&self, model: ModelHandle) -> Result<(), Error> {
-        let config_json = model.config_json()?;
-        let config = ModelConfig::from_json(&config_json)?;
-        let outputs: Vec<String> = config.outputs.iter().map(|o| o.name.clone()).collect();
-        let model_dir = PathBuf::from(model.repository_path()?);
-        for request in warmup::warmup_requests(&config_json, self.max_batch_size, &model_dir)? {
-            self.task
-                .prepare(request.inputs, &[], outputs.clone())
-                .map_err(|error| {
-                    BackendError::Config(format!(
-                        "model_warmup sample '{}': {error}",
-                        request.sample
-                    ))
-                })?;
-        }
-        Ok(())
     }
 }
