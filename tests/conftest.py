@@ -41,15 +41,31 @@ def free_port() -> int:
 class TritonServer:
     """One tritonserver process on loopback with free ports and its own log file."""
 
-    def __init__(self, repository: Path, log_path: Path, args=(), env=None, backend_dir=None):
+    def __init__(
+        self,
+        repository: Path,
+        log_path: Path,
+        args=(),
+        env=None,
+        backend_dir=None,
+        command=None,
+        cwd=None,
+    ):
+        """`command`: the tritonserver argv up to the listening options (default: the
+        binary with `repository` and `backend_dir`); `cwd`: where it runs."""
         self.repository = Path(repository)
         self.log_path = log_path
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.backend_dir = backend_dir or _required_env("TRITON_RUST_BACKEND_DIR")
         command = [
-            _required_env("TRITONSERVER_BIN"),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={self.backend_dir}",
+            *(
+                command
+                or [
+                    _required_env("TRITONSERVER_BIN"),
+                    f"--model-repository={self.repository}",
+                    f"--backend-directory={self.backend_dir}",
+                ]
+            ),
             "--http-address=127.0.0.1",
             "--grpc-address=127.0.0.1",
             "--metrics-address=127.0.0.1",
@@ -63,7 +79,7 @@ class TritonServer:
         full_env.update(env or {})
         self._log_file = open(log_path, "wb")
         self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd
         )
 
     @property

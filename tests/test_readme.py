@@ -17,7 +17,6 @@ import shlex
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,6 @@ from conftest import (
     REPO_ROOT,
     TritonServer,
     error_message,
-    free_port,
     infer,
     load_model,
     outputs_by_name,
@@ -84,39 +82,18 @@ def readme_server_command() -> tuple[list[str], dict[str, str]]:
     return words, env
 
 
-class ReadmeServer(TritonServer):
-    """A TritonServer started from the README's command line, in the repository root."""
-
-    def __init__(self, log_path: Path, extra_args=()):
-        command, env = readme_server_command()
-        self.repository = MODEL_REPOSITORY
-        self.log_path = log_path
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.backend_dir = os.environ["TRITON_RUST_BACKEND_DIR"]
-        command = [
-            *command,
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
-            "--metrics-address=127.0.0.1",
-            f"--http-port={self.http_port}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}",
-            *extra_args,
-        ]
-        self._log_file = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, **env),
-        )
-
-
 @pytest.fixture(scope="module")
 def readme_server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("readme") / "tritonserver.log"
-    triton = ReadmeServer(log, ["--load-model=bert-base", "--load-model=gpt2-small"])
+    """A server started from the README's command line, in the repository root."""
+    command, env = readme_server_command()
+    triton = TritonServer(
+        MODEL_REPOSITORY,
+        tmp_path_factory.mktemp("readme") / "tritonserver.log",
+        args=["--load-model=bert-base", "--load-model=gpt2-small"],
+        env=env,
+        command=command,
+        cwd=REPO_ROOT,
+    )
     try:
         triton.wait_until()
         yield triton
