@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -288,6 +289,53 @@ def test_config_override_applies(explicit_server):
     response = infer(explicit_server, OVERRIDE_MODEL, [text_input(["I love it!", "Awful."])])
     assert response.status_code == 200, response.text[:2000]
     assert set(outputs_by_name(response)["sentiment_label"]["data"]) <= set(labels)
+
+
+def test_reload_under_load_fails_no_request(explicit_server):
+    """Reloading a model that clients keep using (other labels through a config override,
+    and back), while another model serves too: no request fails, and the answers switch
+    labels once each reload returns."""
+    old_labels, new_labels = ["neg", "neu", "pos"], ["bad", "meh", "good"]
+
+    def reload(labels):
+        config = classifier_config(
+            OVERRIDE_MODEL, task="sentiment-classifier", labels=",".join(labels)
+        )
+        response = load_model(explicit_server, OVERRIDE_MODEL, config)
+        assert response.status_code == 200, error_message(response)
+
+    def labels_now() -> set[str]:
+        response = infer(explicit_server, OVERRIDE_MODEL, [text_input(["I love it!", "Awful."])])
+        assert response.status_code == 200, response.text[:2000]
+        return set(outputs_by_name(response)["sentiment_label"]["data"])
+
+    reload(old_labels)
+    stop = threading.Event()
+    sent: dict[str, int] = {OVERRIDE_MODEL: 0, ENCODER: 0}
+    failures: list[str] = []
+
+    def traffic(model: str) -> None:
+        while not stop.is_set():
+            response = infer(explicit_server, model, [text_input(["Still serving?"])])
+            sent[model] += 1
+            if response.status_code != 200:
+                failures.append(f"{model}: {response.status_code} {response.text[:300]}")
+
+    threads = [threading.Thread(target=traffic, args=(m,)) for m in sent]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            reload(new_labels)
+            assert labels_now() <= set(new_labels)
+            reload(old_labels)
+            assert labels_now() <= set(old_labels)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:5]
+    assert all(count > 0 for count in sent.values()), sent
 
 
 # --- 10. Finding ONNX Runtime ------------------------------------------------------------
