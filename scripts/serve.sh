@@ -61,6 +61,16 @@ for model, body in samples:
             output["data"] = output["data"][:8] + ["..."]
     print(json.dumps(answer, indent=2, ensure_ascii=False))
     response.raise_for_status()
+
+# Token streaming: one server-sent event per new piece of text.
+body = {"text_input": "The weather today is", "parameters": {"max_new_tokens": 12, "do_sample": False}}
+print(f"\n$ curl -N -X POST {url}/v2/models/gpt2-small-stream/generate_stream -d '{json.dumps(body)}'")
+with requests.post(f"{url}/v2/models/gpt2-small-stream/generate_stream", json=body,
+                   stream=True, timeout=30) as response:
+    response.raise_for_status()
+    for line in response.iter_lines(decode_unicode=True):
+        if line:
+            print(line)
 PY
 
 if $once; then
