@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import time
 from functools import partial
 
@@ -224,3 +225,34 @@ def test_cancelled_stream_stops_within_a_step_and_frees_the_instance(server):
     # The instance is free again.
     responses, error = grpc_stream(server, [grpc_text(["Hi"])], {"max_new_tokens": 2})
     assert error is None and responses, error
+
+
+def test_sse_client_that_goes_away_stops_the_generation(server):
+    """Closing the generate_stream connection cancels the request: the backend sees it
+    within a decode step, as with gRPC."""
+    long_job = {"max_new_tokens": 120, "do_sample": True, "seed": 5}
+    prompts = ["Once upon a time"] * 32
+    started = time.monotonic()
+    responses, error = grpc_stream(server, [grpc_text(prompts)], long_job)
+    full_seconds = time.monotonic() - started
+    assert error is None and len(responses) > 50
+    before = inference_stats(server)
+
+    body = json.dumps({"text_input": prompts, "parameters": long_job}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        connection.sendall(
+            b"POST /v2/models/" + MODEL.encode() + b"/generate_stream HTTP/1.1\r\n"
+            b"Host: localhost\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert b"text/event-stream" in connection.recv(4096)  # generation is under way
+
+    deadline = time.monotonic() + 60
+    while inference_stats(server)["fail"]["count"] == before["fail"]["count"]:
+        assert time.monotonic() < deadline, "the abandoned request never finished"
+        time.sleep(0.05)
+    abandoned_ns = inference_stats(server)["fail"]["ns"] - before["fail"]["ns"]
+    assert abandoned_ns < full_seconds * 1e9 / 2, (
+        f"the abandoned request ran {abandoned_ns / 1e9:.3f}s of a {full_seconds:.3f}s job"
+    )
