@@ -427,6 +427,8 @@ INVALID_PARAMETERS = {
     "stop-number": ({"stop": 7}, "stop"),
     "stop-empty": ({"stop": ""}, "stop"),
     "stop-bad-json": ({"stop": '["\\n", '}, "stop"),
+    "stop-too-long": ({"stop": "x" * 257}, "stop"),
+    "stop-too-many": ({"stop": json.dumps([str(i) for i in range(17)])}, "stop"),
 }
 
 

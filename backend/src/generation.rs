@@ -125,8 +125,18 @@ fn as_stop_list(value: &ParameterValue) -> Result<Vec<String>, BackendError> {
     if list.iter().any(String::is_empty) {
         return Err(invalid("stop", "non-empty strings", value));
     }
+    if list.len() > MAX_STOP_STRINGS || list.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(BackendError::InvalidInput(format!(
+            "parameter 'stop' takes at most {MAX_STOP_STRINGS} strings of at most \
+             {MAX_STOP_BYTES} bytes each"
+        )));
+    }
     Ok(list)
 }
+
+/// Bounds on `stop`: every new token is checked against each stop string.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
 
 impl GenerationParams {
     /// Applies one setting; returns false for a key that is not a generation setting.
@@ -1001,9 +1011,9 @@ fn find_stop(text: &str, searched: usize, stop: &[String]) -> Option<usize> {
 fn possible_stop_start(text: &str, stop: &[String]) -> usize {
     stop.iter()
         .filter_map(|s| {
-            (1..s.len())
+            (1..s.len().min(text.len() + 1))
                 .rev()
-                .filter(|&k| k <= text.len() && s.is_char_boundary(k))
+                .filter(|&k| s.is_char_boundary(k))
                 .find(|&k| text.ends_with(&s[..k]))
         })
         .max()
@@ -1121,6 +1131,16 @@ mod tests {
                 "stop",
                 ParameterValue::String("[1, 2]".into()),
                 "'stop' must be a string or a JSON list",
+            ),
+            (
+                "stop",
+                ParameterValue::String("x".repeat(MAX_STOP_BYTES + 1)),
+                "'stop' takes at most 16 strings of at most 256 bytes",
+            ),
+            (
+                "stop",
+                ParameterValue::String(serde_json::json!(vec!["x"; 17]).to_string()),
+                "'stop' takes at most 16 strings",
             ),
         ];
         for (key, value, expected) in cases {
