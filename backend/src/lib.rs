@@ -38,15 +38,10 @@ fn install_panic_hook() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("unknown panic");
+            let message = model::panic_message(info.payload());
             match info.location() {
                 Some(at) => health::record_panic(&format!("{message} at {at}")),
-                None => health::record_panic(message),
+                None => health::record_panic(&message),
             }
             log_error!("triton-rust: panic: {info}");
             previous(info);

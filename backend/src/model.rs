@@ -193,7 +193,8 @@ fn read_request(request: &Request, model: &ModelState) -> Result<TaskRequest, Er
     Ok(model.task.prepare(inputs, &parameters, wanted)?)
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The message a panic carries (a `&str` or a `String`), for logs and errors.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
