@@ -82,7 +82,7 @@ fn request(generator: &Generator, batch: usize, new_tokens: usize) -> Generation
 fn timed(
     generator: &Generator,
     session: &mut ort::session::Session,
-    binding: &DecoderBinding,
+    binding: &mut DecoderBinding,
     request: &GenerationRequest,
 ) -> (Duration, Vec<Vec<i64>>) {
     let started = Instant::now();
@@ -127,7 +127,9 @@ fn main() {
     };
     let mut session = onnx::load_session(&environment, &model_dir.join("model.onnx"), options)
         .expect("the model loads");
-    let binding = DecoderBinding::new(&session, device).expect("a decoder with past key values");
+    let picker = onnx::greedy_token_picker(&environment, options).expect("the token picker builds");
+    let mut binding =
+        DecoderBinding::new(&session, picker, device).expect("a decoder with past key values");
     let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json")).expect("tokenizer loads");
     let cached =
         Generator::new(tokenizer, None, context, GenerationParams::default()).expect("generator");
@@ -146,8 +148,8 @@ fn main() {
     for batch in [1, 8] {
         let request = request(&cached, batch, new_tokens);
         // Untimed first runs: ONNX Runtime plans its kernels on the first shapes it sees.
-        let (_, reference) = timed(&cached, &mut session, &binding, &request);
-        let (_, baseline) = timed(&uncached, &mut session, &binding, &request);
+        let (_, reference) = timed(&cached, &mut session, &mut binding, &request);
+        let (_, baseline) = timed(&uncached, &mut session, &mut binding, &request);
         assert_eq!(
             reference, baseline,
             "the uncached path must make the same tokens"
@@ -156,9 +158,9 @@ fn main() {
         let (mut with_cache, mut without_cache) = (Vec::new(), Vec::new());
         // Alternate the two paths so that drift in the machine's speed hits both.
         for _ in 0..rounds {
-            let (elapsed, _) = timed(&cached, &mut session, &binding, &request);
+            let (elapsed, _) = timed(&cached, &mut session, &mut binding, &request);
             with_cache.push(tokens as f64 / elapsed.as_secs_f64());
-            let (elapsed, _) = timed(&uncached, &mut session, &binding, &request);
+            let (elapsed, _) = timed(&uncached, &mut session, &mut binding, &request);
             without_cache.push(tokens as f64 / elapsed.as_secs_f64());
         }
         let (with_cache, without_cache) = (median(with_cache), median(without_cache));

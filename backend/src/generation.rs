@@ -15,7 +15,7 @@ use tokenizers::{
 use crate::bytes_tensor;
 use crate::config::DEFAULT_MAX_TEXT_BYTES;
 use crate::error::BackendError;
-use crate::onnx::Device;
+use crate::onnx::{Device, PICKER_LOGITS, PICKER_TOKEN_IDS};
 use crate::pipeline::{OutputTensor, read_texts};
 use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
@@ -160,6 +160,11 @@ impl GenerationParams {
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Greedy decoding with nothing that changes the logits: the arg-max is the token.
+    fn is_plain_greedy(&self) -> bool {
+        !self.do_sample && self.repetition_penalty == 1.0
     }
 
     fn validate(&self, context_length: usize) -> Result<(), BackendError> {
@@ -308,9 +313,9 @@ pub fn choose_token(
     order[probabilities.len().saturating_sub(1)]
 }
 
-/// The decoder's cache layout, read from the graph when an instance loads, and where
-/// the cache lives between steps.
-#[derive(Debug, Clone)]
+/// The decoder's cache layout, read from the graph when an instance loads, where the
+/// cache lives between steps, and the instance's greedy token picker.
+#[derive(Debug)]
 pub struct DecoderBinding {
     layers: usize,
     heads: usize,
@@ -320,8 +325,11 @@ pub struct DecoderBinding {
     /// step's `past_key_values.*` (IO binding), so on a GPU the cache never crosses to
     /// the host.
     cache_memory: MemoryInfo<'static>,
-    /// Host memory: logits are read by the sampler on the CPU.
+    /// Host memory: token ids, and the logits when the sampler needs them.
     host_memory: MemoryInfo<'static>,
+    /// [`crate::onnx::greedy_token_picker`] on the decoder's device: greedy steps keep
+    /// the logits there and bring back only the chosen ids.
+    picker: Session,
 }
 
 fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
@@ -338,8 +346,9 @@ fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
 }
 
 impl DecoderBinding {
-    /// Checks the decoder's inputs and outputs; `device` is where `session` runs.
-    pub fn new(session: &Session, device: Device) -> Result<Self, BackendError> {
+    /// Checks the decoder's inputs and outputs; `device` is where `session` and `picker`
+    /// run.
+    pub fn new(session: &Session, picker: Session, device: Device) -> Result<Self, BackendError> {
         let unsupported = |m: String| Err(BackendError::Unsupported(m));
         let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         for required in ["input_ids", "attention_mask"] {
@@ -410,7 +419,23 @@ impl DecoderBinding {
             has_position_ids: names.contains(&"position_ids"),
             cache_memory: memory_info(device)?,
             host_memory: memory_info(Device::Cpu)?,
+            picker,
         })
+    }
+
+    /// The greedy token of each row's last position, from logits left on the device.
+    fn pick_greedy(&mut self, logits: &DynValue, batch: usize) -> Result<Vec<i64>, BackendError> {
+        let mut io = self.picker.create_binding()?;
+        io.bind_input(PICKER_LOGITS, logits)?;
+        io.bind_output_to_device(PICKER_TOKEN_IDS, &self.host_memory)?;
+        let outputs = self.picker.run_binding(&io)?;
+        let (shape, ids) = outputs[PICKER_TOKEN_IDS].try_extract_tensor::<i64>()?;
+        if shape[..] != [batch as i64, 1] {
+            return Err(BackendError::Onnx(format!(
+                "the token picker returned shape {shape:?} for {batch} rows"
+            )));
+        }
+        Ok(ids.to_vec())
     }
 }
 
@@ -596,7 +621,7 @@ impl Generator {
     pub fn run(
         &self,
         session: &mut Session,
-        binding: &DecoderBinding,
+        binding: &mut DecoderBinding,
         requests: &[GenerationRequest],
         progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
@@ -608,7 +633,7 @@ impl Generator {
     pub fn generate_ids(
         &self,
         session: &mut Session,
-        binding: &DecoderBinding,
+        binding: &mut DecoderBinding,
         requests: &[GenerationRequest],
         progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<i64>>, BackendError> {
@@ -619,7 +644,7 @@ impl Generator {
     fn generate<'g>(
         &'g self,
         session: &mut Session,
-        binding: &DecoderBinding,
+        binding: &mut DecoderBinding,
         requests: &'g [GenerationRequest],
         progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Row<'g>>, BackendError> {
@@ -715,7 +740,7 @@ impl Generator {
     fn decode_loop(
         &self,
         session: &mut Session,
-        binding: &DecoderBinding,
+        binding: &mut DecoderBinding,
         rows: &mut [Row<'_>],
         requests: &[GenerationRequest],
         progress: &mut dyn GenerationProgress,
@@ -734,13 +759,12 @@ impl Generator {
             );
             positions.extend_row(std::iter::repeat_n(0i64, pad).chain(0..row.prompt.len() as i64));
         }
+        let (layers, heads, head_dim) = (binding.layers, binding.heads, binding.head_dim);
         let empty_past = || -> Result<Vec<DynValue>, BackendError> {
-            (0..binding.layers * 2)
+            (0..layers * 2)
                 .map(|_| {
-                    let empty = Tensor::<f32>::from_array((
-                        [batch, binding.heads, 0, binding.head_dim],
-                        Vec::new(),
-                    ))?;
+                    let empty =
+                        Tensor::<f32>::from_array(([batch, heads, 0, head_dim], Vec::new()))?;
                     Ok(empty.into_dyn())
                 })
                 .collect()
@@ -778,17 +802,43 @@ impl Generator {
                 let part = if i % 2 == 0 { "key" } else { "value" };
                 io.bind_input(format!("past_key_values.{}.{part}", i / 2), &value)?;
             }
-            io.bind_output_to_device("logits", &binding.host_memory)?;
+            // Greedy rows need only the arg-max: then the logits stay on the device.
+            let greedy = rows
+                .iter()
+                .all(|r| r.finished || r.params.is_plain_greedy());
+            let logits_memory = if greedy {
+                &binding.cache_memory
+            } else {
+                &binding.host_memory
+            };
+            io.bind_output_to_device("logits", logits_memory)?;
             for i in 0..binding.layers {
                 for part in ["key", "value"] {
                     io.bind_output_to_device(format!("present.{i}.{part}"), &binding.cache_memory)?;
                 }
             }
             let mut outputs = session.run_binding(&io)?;
-            let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
-            let vocab = match shape[..] {
-                [b, s, v] if b as usize == batch && s as usize == step_width && v > 0 => v as usize,
-                _ => return Err(BackendError::Onnx(format!("logits have shape {shape:?}"))),
+            let picked = if greedy {
+                let logits = outputs
+                    .remove("logits")
+                    .ok_or_else(|| BackendError::Onnx("the decoder returned no logits".into()))?;
+                Some(binding.pick_greedy(&logits, batch)?)
+            } else {
+                None
+            };
+            let host_logits = match picked {
+                Some(_) => None,
+                None => {
+                    let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+                    match shape[..] {
+                        [b, s, v] if b as usize == batch && s as usize == step_width && v > 0 => {
+                            Some((v as usize, logits))
+                        }
+                        _ => {
+                            return Err(BackendError::Onnx(format!("logits have shape {shape:?}")));
+                        }
+                    }
+                }
             };
             let mut next = Vec::with_capacity(batch);
             for (r, row) in rows.iter_mut().enumerate() {
@@ -796,14 +846,20 @@ impl Generator {
                     next.push(self.eos_id);
                     continue;
                 }
-                let start = (r * step_width + step_width - 1) * vocab;
-                let mut row_logits = logits[start..start + vocab].to_vec();
-                let token = choose_token(
-                    &mut row_logits,
-                    row.prompt.iter().chain(&row.generated).copied(),
-                    row.params,
-                    &mut row.rng,
-                ) as i64;
+                let token = match (&picked, host_logits) {
+                    (Some(ids), _) => ids[r],
+                    (None, Some((vocab, logits))) => {
+                        let start = (r * step_width + step_width - 1) * vocab;
+                        let mut row_logits = logits[start..start + vocab].to_vec();
+                        choose_token(
+                            &mut row_logits,
+                            row.prompt.iter().chain(&row.generated).copied(),
+                            row.params,
+                            &mut row.rng,
+                        ) as i64
+                    }
+                    (None, None) => return Err(BackendError::Onnx("no logits to sample".into())),
+                };
                 next.push(token);
                 if token == self.eos_id {
                     row.finished = true;

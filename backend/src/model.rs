@@ -159,7 +159,7 @@ impl InstanceState {
             device,
         };
         let session = onnx::load_session(&model.environment, &model.model_path, options)?;
-        let binding = model.task.bind(&session, device)?;
+        let binding = model.task.bind(&session, &model.environment, options)?;
         log_info!(
             "triton-rust: instance '{name}' of '{}' ready on {device:?}",
             model.name
@@ -243,10 +243,12 @@ pub fn execute(
     } else {
         catch_unwind(AssertUnwindSafe(|| {
             let mut progress = BatchProgress::new(&batched);
-            let outputs =
-                model
-                    .task
-                    .run(&mut state.session, &state.binding, prepared, &mut progress)?;
+            let outputs = model.task.run(
+                &mut state.session,
+                &mut state.binding,
+                prepared,
+                &mut progress,
+            )?;
             Ok(outputs
                 .into_iter()
                 .zip(progress.stream_errors)

@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::environment::Environment;
 use ort::ep;
+use ort::memory::Allocator;
+use ort::operator::Attribute;
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::{Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, ValueType};
 
 use crate::error::BackendError;
 
@@ -180,8 +184,37 @@ fn onnx_error(
     move |e| BackendError::Onnx(format!("{context}: {e}"))
 }
 
-/// Builds a session for `model_path`. On CUDA, registering the execution provider must
-/// succeed: there is no silent fallback to CPU.
+/// A session builder with the instance's threads and execution provider. On CUDA,
+/// registering the execution provider must succeed: there is no silent fallback to CPU.
+fn session_builder(
+    environment: &Environment,
+    options: SessionOptions,
+) -> Result<SessionBuilder, BackendError> {
+    let builder = Session::builder(environment)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(onnx_error("setting the optimization level"))?
+        .with_intra_threads(options.intra_op_threads)
+        .map_err(onnx_error("setting intra-op threads"))?
+        .with_inter_threads(options.inter_op_threads)
+        .map_err(onnx_error("setting inter-op threads"))?;
+    let Device::Cuda { device_id } = options.device else {
+        return Ok(builder);
+    };
+    builder
+        .with_execution_providers([ep::CUDA::default()
+            .with_device_id(device_id)
+            .build()
+            .error_on_failure()])
+        .map_err(|e| {
+            BackendError::Unsupported(format!(
+                "the CUDA execution provider could not be enabled on GPU {device_id}: {e}. \
+                 GPU instances need the CUDA build of ONNX Runtime (onnxruntime-gpu) and a \
+                 CUDA device; use KIND_CPU otherwise"
+            ))
+        })
+}
+
+/// Builds a session for `model_path`.
 pub fn load_session(
     environment: &Environment,
     model_path: &Path,
@@ -193,30 +226,64 @@ pub fn load_session(
             model_path.display()
         )));
     }
-    let mut builder = Session::builder(environment)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(onnx_error("setting the optimization level"))?
-        .with_intra_threads(options.intra_op_threads)
-        .map_err(onnx_error("setting intra-op threads"))?
-        .with_inter_threads(options.inter_op_threads)
-        .map_err(onnx_error("setting inter-op threads"))?;
-    if let Device::Cuda { device_id } = options.device {
-        builder = builder
-            .with_execution_providers([ep::CUDA::default()
-                .with_device_id(device_id)
-                .build()
-                .error_on_failure()])
-            .map_err(|e| {
-                BackendError::Unsupported(format!(
-                    "the CUDA execution provider could not be enabled on GPU {device_id}: {e}. \
-                     GPU instances need the CUDA build of ONNX Runtime (onnxruntime-gpu) and a \
-                     CUDA device; use KIND_CPU otherwise"
-                ))
-            })?;
-    }
-    builder
+    session_builder(environment, options)?
         .commit_from_file(model_path)
         .map_err(|e| BackendError::Onnx(format!("cannot load {}: {e}", model_path.display())))
+}
+
+/// Input and output of [`greedy_token_picker`].
+pub const PICKER_LOGITS: &str = "logits";
+pub const PICKER_TOKEN_IDS: &str = "token_ids";
+
+/// A two-node graph run where the decoder runs: `Gather` the last position of
+/// `logits [batch, sequence, vocab]`, then `ArgMax` over the vocabulary, giving
+/// `token_ids [batch, 1]`. Greedy decoding then moves only token ids from the device to
+/// the host, not the logits.
+pub fn greedy_token_picker(
+    environment: &Environment,
+    options: SessionOptions,
+) -> Result<Session, BackendError> {
+    let tensor = |ty, rank: usize| ValueType::Tensor {
+        ty,
+        shape: Shape::new(vec![-1; rank]),
+        dimension_symbols: SymbolicDimensions::empty(rank),
+    };
+    let mut graph = Graph::new()?;
+    graph.set_inputs([Outlet::new(
+        PICKER_LOGITS,
+        tensor(TensorElementType::Float32, 3),
+    )])?;
+    graph.set_outputs([Outlet::new(
+        PICKER_TOKEN_IDS,
+        tensor(TensorElementType::Int64, 2),
+    )])?;
+    let mut last_position = Tensor::<i64>::new(&Allocator::default(), [1usize])?;
+    last_position.extract_tensor_mut().1[0] = -1;
+    graph.add_initializer("last_position", last_position, false)?;
+    graph.add_node(Node::new(
+        "Gather",
+        ONNX_DOMAIN,
+        "last_position_logits",
+        [PICKER_LOGITS, "last_position"],
+        ["last_logits"],
+        [Attribute::new("axis", 1i64)?],
+    )?)?;
+    graph.add_node(Node::new(
+        "ArgMax",
+        ONNX_DOMAIN,
+        "argmax",
+        ["last_logits"],
+        [PICKER_TOKEN_IDS],
+        [
+            Attribute::new("axis", 2i64)?,
+            Attribute::new("keepdims", 0i64)?,
+        ],
+    )?)?;
+    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17)?])?;
+    model.set_graph(graph)?;
+    model
+        .into_session(&session_builder(environment, options)?)
+        .map_err(|e| BackendError::Onnx(format!("cannot build the greedy token picker: {e}")))
 }
 
 #[cfg(test)]

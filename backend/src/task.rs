@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use ort::environment::Environment;
 use ort::session::Session;
 use tokenizers::Tokenizer;
 
@@ -12,7 +13,7 @@ use crate::generation::{
     DEFAULT_MAX_PROMPTS, DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationProgress,
     GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT, USE_CACHE,
 };
-use crate::onnx::Device;
+use crate::onnx::{self, SessionOptions};
 use crate::pipeline::{
     Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
 };
@@ -145,12 +146,18 @@ impl TaskLogic {
         }
     }
 
-    /// How an instance's session (running on `device`) feeds this task.
-    pub fn bind(&self, session: &Session, device: Device) -> Result<TaskBinding, BackendError> {
+    /// How an instance's session (built with `options`) feeds this task.
+    pub fn bind(
+        &self,
+        session: &Session,
+        environment: &Environment,
+        options: SessionOptions,
+    ) -> Result<TaskBinding, BackendError> {
         Ok(match self {
             TaskLogic::Encoder(pipeline) => TaskBinding::Encoder(pipeline.bind_session(session)?),
             TaskLogic::Generation(_) => {
-                TaskBinding::Generation(DecoderBinding::new(session, device)?)
+                let picker = onnx::greedy_token_picker(environment, options)?;
+                TaskBinding::Generation(DecoderBinding::new(session, picker, options.device)?)
             }
         })
     }
@@ -184,7 +191,7 @@ impl TaskLogic {
     pub fn run(
         &self,
         session: &mut Session,
-        binding: &TaskBinding,
+        binding: &mut TaskBinding,
         requests: Vec<TaskRequest>,
         progress: &mut dyn GenerationProgress,
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
