@@ -127,9 +127,8 @@ fn main() {
     };
     let mut session = onnx::load_session(&environment, &model_dir.join("model.onnx"), options)
         .expect("the model loads");
-    let picker = onnx::greedy_token_picker(&environment, options).expect("the token picker builds");
-    let mut binding =
-        DecoderBinding::new(&session, picker, device).expect("a decoder with past key values");
+    let mut binding = DecoderBinding::new(&session, &environment, options)
+        .expect("a decoder with past key values");
     let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json")).expect("tokenizer loads");
     let cached =
         Generator::new(tokenizer, None, context, GenerationParams::default()).expect("generator");

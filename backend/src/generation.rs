@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use ort::environment::Environment;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, ValueType};
@@ -15,7 +16,10 @@ use tokenizers::{
 use crate::bytes_tensor;
 use crate::config::DEFAULT_MAX_TEXT_BYTES;
 use crate::error::BackendError;
-use crate::onnx::{Device, PICKER_LOGITS, PICKER_TOKEN_IDS};
+use crate::onnx::{
+    self, Device, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_TEMPERATURE, SAMPLER_TOP_K,
+    SAMPLER_TOP_P, SAMPLER_UNIFORM, SessionOptions,
+};
 use crate::pipeline::{OutputTensor, read_texts};
 use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
@@ -241,7 +245,7 @@ impl Rng {
         Rng(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -250,7 +254,7 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    fn next_unit(&mut self) -> f32 {
+    pub fn next_unit(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
@@ -314,7 +318,7 @@ pub fn choose_token(
 }
 
 /// The decoder's cache layout, read from the graph when an instance loads, where the
-/// cache lives between steps, and the instance's greedy token picker.
+/// cache lives between steps, and the graphs that choose tokens on its device.
 #[derive(Debug)]
 pub struct DecoderBinding {
     layers: usize,
@@ -325,11 +329,12 @@ pub struct DecoderBinding {
     /// step's `past_key_values.*` (IO binding), so on a GPU the cache never crosses to
     /// the host.
     cache_memory: MemoryInfo<'static>,
-    /// Host memory: token ids, and the logits when the sampler needs them.
+    /// Host memory: token ids, and the logits when the host must choose.
     host_memory: MemoryInfo<'static>,
-    /// [`crate::onnx::greedy_token_picker`] on the decoder's device: greedy steps keep
-    /// the logits there and bring back only the chosen ids.
+    /// [`onnx::greedy_token_picker`] and [`onnx::token_sampler`] on the decoder's
+    /// device: the logits stay there and only the chosen ids come back.
     picker: Session,
+    sampler: Session,
 }
 
 fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
@@ -346,9 +351,13 @@ fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
 }
 
 impl DecoderBinding {
-    /// Checks the decoder's inputs and outputs; `device` is where `session` and `picker`
-    /// run.
-    pub fn new(session: &Session, picker: Session, device: Device) -> Result<Self, BackendError> {
+    /// Checks the decoder's inputs and outputs, and builds the token-choosing graphs
+    /// with the decoder's session `options` (so on its device).
+    pub fn new(
+        session: &Session,
+        environment: &Environment,
+        options: SessionOptions,
+    ) -> Result<Self, BackendError> {
         let unsupported = |m: String| Err(BackendError::Unsupported(m));
         let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         for required in ["input_ids", "attention_mask"] {
@@ -417,25 +426,120 @@ impl DecoderBinding {
             heads,
             head_dim,
             has_position_ids: names.contains(&"position_ids"),
-            cache_memory: memory_info(device)?,
+            cache_memory: memory_info(options.device)?,
             host_memory: memory_info(Device::Cpu)?,
-            picker,
+            picker: onnx::greedy_token_picker(environment, options)?,
+            sampler: onnx::token_sampler(environment, options)?,
         })
     }
 
     /// The greedy token of each row's last position, from logits left on the device.
     fn pick_greedy(&mut self, logits: &DynValue, batch: usize) -> Result<Vec<i64>, BackendError> {
-        let mut io = self.picker.create_binding()?;
-        io.bind_input(PICKER_LOGITS, logits)?;
-        io.bind_output_to_device(PICKER_TOKEN_IDS, &self.host_memory)?;
-        let outputs = self.picker.run_binding(&io)?;
-        let (shape, ids) = outputs[PICKER_TOKEN_IDS].try_extract_tensor::<i64>()?;
-        if shape[..] != [batch as i64, 1] {
-            return Err(BackendError::Onnx(format!(
-                "the token picker returned shape {shape:?} for {batch} rows"
-            )));
+        choose_on_device(
+            &mut self.picker,
+            &self.host_memory,
+            logits,
+            Vec::new(),
+            batch,
+        )
+    }
+
+    /// Each row's token drawn on the device, with its own settings and the next number of
+    /// its random generator, as [`choose_token`] draws it on the host. Greedy and finished
+    /// rows keep their most likely token (and draw nothing).
+    fn sample(
+        &mut self,
+        logits: &DynValue,
+        rows: &mut [Row<'_>],
+    ) -> Result<Vec<i64>, BackendError> {
+        let batch = rows.len();
+        let (mut temperature, mut top_k, mut top_p, mut uniform) = (
+            Vec::with_capacity(batch),
+            Vec::with_capacity(batch),
+            Vec::with_capacity(batch),
+            Vec::with_capacity(batch),
+        );
+        for row in rows.iter_mut() {
+            let draws = !row.finished && row.params.do_sample;
+            temperature.push(if draws { row.params.temperature } else { 1.0 });
+            top_k.push(match row.params.top_k {
+                _ if !draws => 1,
+                0 => i64::MAX,
+                k => i64::try_from(k).unwrap_or(i64::MAX),
+            });
+            top_p.push(if draws && row.params.top_p < 1.0 {
+                row.params.top_p
+            } else {
+                f32::INFINITY
+            });
+            uniform.push(if draws { row.rng.next_unit() } else { 0.0 });
         }
-        Ok(ids.to_vec())
+        let column = |values: Vec<f32>| Tensor::from_array(([batch, 1], values));
+        let settings = vec![
+            (SAMPLER_TEMPERATURE, column(temperature)?.into_dyn()),
+            (
+                SAMPLER_TOP_K,
+                Tensor::from_array(([batch, 1], top_k))?.into_dyn(),
+            ),
+            (SAMPLER_TOP_P, column(top_p)?.into_dyn()),
+            (SAMPLER_UNIFORM, column(uniform)?.into_dyn()),
+        ];
+        choose_on_device(
+            &mut self.sampler,
+            &self.host_memory,
+            logits,
+            settings,
+            batch,
+        )
+    }
+}
+
+/// Runs a token-choosing graph on `logits` (left where the decoder put them) and the
+/// per-row `settings`; returns one token id per row, read in host memory.
+fn choose_on_device(
+    chooser: &mut Session,
+    host_memory: &MemoryInfo<'static>,
+    logits: &DynValue,
+    settings: Vec<(&str, DynValue)>,
+    batch: usize,
+) -> Result<Vec<i64>, BackendError> {
+    let mut io = chooser.create_binding()?;
+    io.bind_input(PICKER_LOGITS, logits)?;
+    for (name, value) in &settings {
+        io.bind_input(*name, value)?;
+    }
+    io.bind_output_to_device(PICKER_TOKEN_IDS, host_memory)?;
+    let outputs = chooser.run_binding(&io)?;
+    let (shape, ids) = outputs[PICKER_TOKEN_IDS].try_extract_tensor::<i64>()?;
+    if shape[..] != [batch as i64, 1] {
+        return Err(BackendError::Onnx(format!(
+            "choosing tokens gave shape {shape:?} for {batch} rows"
+        )));
+    }
+    Ok(ids.to_vec())
+}
+
+/// Where a step's tokens are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chooser {
+    /// Every active row is plain greedy: the arg-max graph, on the device.
+    Greedy,
+    /// Sampling without a repetition penalty: the sampler graph, on the device.
+    Sampler,
+    /// A repetition penalty needs each row's history: the logits come to the host.
+    Host,
+}
+
+impl Chooser {
+    fn for_rows(rows: &[Row<'_>]) -> Self {
+        let mut active = rows.iter().filter(|r| !r.finished);
+        if active.clone().all(|r| r.params.is_plain_greedy()) {
+            Chooser::Greedy
+        } else if active.all(|r| r.params.repetition_penalty == 1.0) {
+            Chooser::Sampler
+        } else {
+            Chooser::Host
+        }
     }
 }
 
@@ -802,14 +906,12 @@ impl Generator {
                 let part = if i % 2 == 0 { "key" } else { "value" };
                 io.bind_input(format!("past_key_values.{}.{part}", i / 2), &value)?;
             }
-            // Greedy rows need only the arg-max: then the logits stay on the device.
-            let greedy = rows
-                .iter()
-                .all(|r| r.finished || r.params.is_plain_greedy());
-            let logits_memory = if greedy {
-                &binding.cache_memory
-            } else {
+            // Unless the host must choose, the logits stay on the device.
+            let chooser = Chooser::for_rows(rows);
+            let logits_memory = if chooser == Chooser::Host {
                 &binding.host_memory
+            } else {
+                &binding.cache_memory
             };
             io.bind_output_to_device("logits", logits_memory)?;
             for i in 0..binding.layers {
@@ -818,13 +920,18 @@ impl Generator {
                 }
             }
             let mut outputs = session.run_binding(&io)?;
-            let picked = if greedy {
-                let logits = outputs
-                    .remove("logits")
-                    .ok_or_else(|| BackendError::Onnx("the decoder returned no logits".into()))?;
-                Some(binding.pick_greedy(&logits, batch)?)
-            } else {
-                None
+            let picked = match chooser {
+                Chooser::Host => None,
+                Chooser::Greedy | Chooser::Sampler => {
+                    let logits = outputs.remove("logits").ok_or_else(|| {
+                        BackendError::Onnx("the decoder returned no logits".into())
+                    })?;
+                    Some(if chooser == Chooser::Greedy {
+                        binding.pick_greedy(&logits, batch)?
+                    } else {
+                        binding.sample(&logits, rows)?
+                    })
+                }
             };
             let host_logits = match picked {
                 Some(_) => None,

@@ -13,7 +13,7 @@ use crate::generation::{
     DEFAULT_MAX_PROMPTS, DecoderBinding, GENERATED_TEXT, GenerationParams, GenerationProgress,
     GenerationRequest, Generator, MAX_PROMPTS, ResponseMode, STREAM_INPUT, TEXT_OUTPUT, USE_CACHE,
 };
-use crate::onnx::{self, SessionOptions};
+use crate::onnx::SessionOptions;
 use crate::pipeline::{
     Contract, OutputTensor, Pipeline, PreparedRequest, SessionBinding, TEXT_INPUT, check_contracts,
 };
@@ -156,8 +156,7 @@ impl TaskLogic {
         Ok(match self {
             TaskLogic::Encoder(pipeline) => TaskBinding::Encoder(pipeline.bind_session(session)?),
             TaskLogic::Generation(_) => {
-                let picker = onnx::greedy_token_picker(environment, options)?;
-                TaskBinding::Generation(DecoderBinding::new(session, picker, options.device)?)
+                TaskBinding::Generation(DecoderBinding::new(session, environment, options)?)
             }
         })
     }
