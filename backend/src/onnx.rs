@@ -253,24 +253,29 @@ pub fn greedy_token_picker(
         PICKER_TOKEN_IDS,
         dynamic_tensor(TensorElementType::Int64, 2),
     )])?;
-    add_constant(&mut graph, "last", &[1], &[-1i64])?;
+    add_last_position_logits(&mut graph)?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
-    let g = &mut graph;
     add_node(
-        g,
-        "Gather",
-        &[PICKER_LOGITS, "last"],
-        "last_logits",
-        vec![axis("axis", 1)?],
-    )?;
-    add_node(
-        g,
+        &mut graph,
         "ArgMax",
         &["last_logits"],
         PICKER_TOKEN_IDS,
         vec![axis("axis", 2)?, axis("keepdims", 0)?],
     )?;
     session_from_graph(graph, environment, options, "the greedy token picker")
+}
+
+/// `last_logits [batch, 1, vocab]`: the last position of `logits`, and the constant
+/// `last` ([-1]) that picks it.
+fn add_last_position_logits(graph: &mut Graph) -> Result<(), BackendError> {
+    add_constant(graph, "last", &[1], &[-1i64])?;
+    add_node(
+        graph,
+        "Gather",
+        &[PICKER_LOGITS, "last"],
+        "last_logits",
+        vec![Attribute::new("axis", 1i64)?],
+    )
 }
 
 /// A tensor type whose `rank` dimensions are all dynamic.
@@ -368,7 +373,7 @@ pub fn token_sampler(
         PICKER_TOKEN_IDS,
         dynamic_tensor(TensorElementType::Int64, 2),
     )])?;
-    add_constant(&mut graph, "last", &[1], &[-1i64])?;
+    add_last_position_logits(&mut graph)?;
     add_constant(&mut graph, "axis_0", &[1], &[0i64])?;
     add_constant(&mut graph, "axis_1", &[1], &[1i64])?;
     add_constant(&mut graph, "axis_1_scalar", &[], &[1i64])?;
@@ -379,13 +384,6 @@ pub fn token_sampler(
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     let g = &mut graph;
     // The last position's logits over the temperature, sorted (ties: lower id first).
-    add_node(
-        g,
-        "Gather",
-        &[PICKER_LOGITS, "last"],
-        "last_logits",
-        vec![axis("axis", 1)?],
-    )?;
     add_node(
         g,
         "Squeeze",
