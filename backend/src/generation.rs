@@ -2,7 +2,7 @@
 //! values: one prefill over the left-padded prompts, then one step per new token that
 //! reuses the cache. Free of Triton FFI.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use ort::environment::Environment;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
@@ -17,11 +17,10 @@ use crate::bytes_tensor;
 use crate::config::DEFAULT_MAX_TEXT_BYTES;
 use crate::error::BackendError;
 use crate::onnx::{
-    self, Device, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_TEMPERATURE, SAMPLER_TOP_K,
-    SAMPLER_TOP_P, SAMPLER_UNIFORM, SessionOptions,
+    self, Device, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY,
+    SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM, SessionOptions,
 };
 use crate::pipeline::{OutputTensor, read_texts};
-use crate::postprocess::{argmax, softmax};
 use crate::triton::{DataType, InputTensor, ParameterValue};
 
 pub const GENERATED_TEXT: &str = "generated_text";
@@ -259,64 +258,6 @@ impl Rng {
     }
 }
 
-/// Picks the next token from one row of logits, in the order Hugging Face applies the
-/// same settings: repetition penalty, then greedy, or temperature, top-k, top-p and a draw.
-pub fn choose_token(
-    logits: &mut [f32],
-    history: impl IntoIterator<Item = i64>,
-    params: &GenerationParams,
-    rng: &mut Rng,
-) -> usize {
-    if params.repetition_penalty != 1.0 {
-        let seen: HashSet<usize> = history
-            .into_iter()
-            .filter_map(|t| usize::try_from(t).ok())
-            .collect();
-        for token in seen {
-            if let Some(logit) = logits.get_mut(token) {
-                *logit = if *logit > 0.0 {
-                    *logit / params.repetition_penalty
-                } else {
-                    *logit * params.repetition_penalty
-                };
-            }
-        }
-    }
-    if !params.do_sample {
-        return argmax(logits).unwrap_or(0);
-    }
-    for logit in logits.iter_mut() {
-        *logit /= params.temperature;
-    }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if params.top_k > 0 {
-        order.truncate(params.top_k);
-    }
-    let kept: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
-    let mut probabilities = softmax(&kept);
-    if params.top_p < 1.0 {
-        let mut total = 0.0;
-        let keep = probabilities
-            .iter()
-            .position(|&p| {
-                total += p;
-                total >= params.top_p
-            })
-            .map_or(probabilities.len(), |last| last + 1);
-        probabilities.truncate(keep);
-    }
-    let sum: f32 = probabilities.iter().sum();
-    let mut target = rng.next_unit() * sum;
-    for (rank, p) in probabilities.iter().enumerate() {
-        if target < *p {
-            return order[rank];
-        }
-        target -= p;
-    }
-    order[probabilities.len().saturating_sub(1)]
-}
-
 /// The decoder's cache layout, read from the graph when an instance loads, where the
 /// cache lives between steps, and the graphs that choose tokens on its device.
 #[derive(Debug)]
@@ -327,9 +268,9 @@ pub struct DecoderBinding {
     has_position_ids: bool,
     /// The session's device: `present.*` outputs stay there and come back as the next
     /// step's `past_key_values.*` (IO binding), so on a GPU the cache never crosses to
-    /// the host.
-    cache_memory: MemoryInfo<'static>,
-    /// Host memory: token ids, and the logits when the host must choose.
+    /// the host; the logits stay there too.
+    device_memory: MemoryInfo<'static>,
+    /// Host memory: where the chosen token ids are read.
     host_memory: MemoryInfo<'static>,
     /// [`onnx::greedy_token_picker`] and [`onnx::token_sampler`] on the decoder's
     /// device: the logits stay there and only the chosen ids come back.
@@ -426,7 +367,7 @@ impl DecoderBinding {
             heads,
             head_dim,
             has_position_ids: names.contains(&"position_ids"),
-            cache_memory: memory_info(options.device)?,
+            device_memory: memory_info(options.device)?,
             host_memory: memory_info(Device::Cpu)?,
             picker: onnx::greedy_token_picker(environment, options)?,
             sampler: onnx::token_sampler(environment, options)?,
@@ -444,35 +385,46 @@ impl DecoderBinding {
         )
     }
 
-    /// Each row's token drawn on the device, with its own settings and the next number of
-    /// its random generator, as [`choose_token`] draws it on the host. Greedy and finished
-    /// rows keep their most likely token (and draw nothing).
+    /// Each row's token chosen on the device with its own settings ([`onnx::token_sampler`]):
+    /// sampling rows draw the next number of their random generator; greedy rows take the
+    /// most likely token after the repetition penalty, and finished rows draw nothing.
     fn sample(
         &mut self,
         logits: &DynValue,
         rows: &mut [Row<'_>],
     ) -> Result<Vec<i64>, BackendError> {
         let batch = rows.len();
-        let (mut temperature, mut top_k, mut top_p, mut uniform) = (
+        let (mut temperature, mut top_k, mut top_p, mut uniform, mut penalty) = (
+            Vec::with_capacity(batch),
             Vec::with_capacity(batch),
             Vec::with_capacity(batch),
             Vec::with_capacity(batch),
             Vec::with_capacity(batch),
         );
         for row in rows.iter_mut() {
-            let draws = !row.finished && row.params.do_sample;
-            temperature.push(if draws { row.params.temperature } else { 1.0 });
-            top_k.push(match row.params.top_k {
-                _ if !draws => 1,
-                0 => i64::MAX,
-                k => i64::try_from(k).unwrap_or(i64::MAX),
-            });
-            top_p.push(if draws && row.params.top_p < 1.0 {
-                row.params.top_p
+            let settings = SamplerRow::new(row.params, row.finished);
+            temperature.push(settings.temperature);
+            top_k.push(settings.top_k);
+            top_p.push(settings.top_p);
+            penalty.push(settings.repetition_penalty);
+            uniform.push(if settings.draws {
+                row.rng.next_unit()
             } else {
-                f32::INFINITY
+                0.0
             });
-            uniform.push(if draws { row.rng.next_unit() } else { 0.0 });
+        }
+        // Each row's prompt and new tokens, padded with its first token (a repeat is
+        // harmless: the penalty applies once per distinct token).
+        let length = rows
+            .iter()
+            .map(|r| r.prompt.len() + r.generated.len())
+            .max()
+            .unwrap_or(0);
+        let mut history = Vec::with_capacity(batch * length);
+        for row in rows.iter() {
+            let seen = row.prompt.iter().chain(&row.generated).copied();
+            let pad = row.prompt.first().copied().unwrap_or(0);
+            history.extend(seen.chain(std::iter::repeat(pad)).take(length));
         }
         let column = |values: Vec<f32>| Tensor::from_array(([batch, 1], values));
         let settings = vec![
@@ -483,6 +435,11 @@ impl DecoderBinding {
             ),
             (SAMPLER_TOP_P, column(top_p)?.into_dyn()),
             (SAMPLER_UNIFORM, column(uniform)?.into_dyn()),
+            (SAMPLER_REPETITION_PENALTY, column(penalty)?.into_dyn()),
+            (
+                SAMPLER_HISTORY,
+                Tensor::from_array(([batch, length], history))?.into_dyn(),
+            ),
         ];
         choose_on_device(
             &mut self.sampler,
@@ -491,6 +448,46 @@ impl DecoderBinding {
             settings,
             batch,
         )
+    }
+}
+
+/// What [`onnx::token_sampler`] is fed for one row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerRow {
+    pub temperature: f32,
+    /// `i64::MAX` keeps every token; 1 is greedy.
+    pub top_k: i64,
+    /// Infinite keeps every token.
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    /// Whether the row draws a number from its random generator for this step.
+    pub draws: bool,
+}
+
+impl SamplerRow {
+    /// A sampling row's settings; a greedy row keeps only its most likely token, and a
+    /// finished row (which only rides along) is left unchanged.
+    pub fn new(params: &GenerationParams, finished: bool) -> Self {
+        let draws = !finished && params.do_sample;
+        SamplerRow {
+            temperature: if draws { params.temperature } else { 1.0 },
+            top_k: match params.top_k {
+                _ if !draws => 1,
+                0 => i64::MAX,
+                k => i64::try_from(k).unwrap_or(i64::MAX),
+            },
+            top_p: if draws && params.top_p < 1.0 {
+                params.top_p
+            } else {
+                f32::INFINITY
+            },
+            repetition_penalty: if finished {
+                1.0
+            } else {
+                params.repetition_penalty
+            },
+            draws,
+        }
     }
 }
 
@@ -517,30 +514,6 @@ fn choose_on_device(
         )));
     }
     Ok(ids.to_vec())
-}
-
-/// Where a step's tokens are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chooser {
-    /// Every active row is plain greedy: the arg-max graph, on the device.
-    Greedy,
-    /// Sampling without a repetition penalty: the sampler graph, on the device.
-    Sampler,
-    /// A repetition penalty needs each row's history: the logits come to the host.
-    Host,
-}
-
-impl Chooser {
-    fn for_rows(rows: &[Row<'_>]) -> Self {
-        let mut active = rows.iter().filter(|r| !r.finished);
-        if active.clone().all(|r| r.params.is_plain_greedy()) {
-            Chooser::Greedy
-        } else if active.all(|r| r.params.repetition_penalty == 1.0) {
-            Chooser::Sampler
-        } else {
-            Chooser::Host
-        }
-    }
 }
 
 /// How a model answers: one response per request, or a stream of responses.
@@ -906,67 +879,34 @@ impl Generator {
                 let part = if i % 2 == 0 { "key" } else { "value" };
                 io.bind_input(format!("past_key_values.{}.{part}", i / 2), &value)?;
             }
-            // Unless the host must choose, the logits stay on the device.
-            let chooser = Chooser::for_rows(rows);
-            let logits_memory = if chooser == Chooser::Host {
-                &binding.host_memory
-            } else {
-                &binding.cache_memory
-            };
-            io.bind_output_to_device("logits", logits_memory)?;
+            // The logits stay on the device, where the tokens are chosen.
+            io.bind_output_to_device("logits", &binding.device_memory)?;
             for i in 0..binding.layers {
                 for part in ["key", "value"] {
-                    io.bind_output_to_device(format!("present.{i}.{part}"), &binding.cache_memory)?;
+                    io.bind_output_to_device(
+                        format!("present.{i}.{part}"),
+                        &binding.device_memory,
+                    )?;
                 }
             }
             let mut outputs = session.run_binding(&io)?;
-            let picked = match chooser {
-                Chooser::Host => None,
-                Chooser::Greedy | Chooser::Sampler => {
-                    let logits = outputs.remove("logits").ok_or_else(|| {
-                        BackendError::Onnx("the decoder returned no logits".into())
-                    })?;
-                    Some(if chooser == Chooser::Greedy {
-                        binding.pick_greedy(&logits, batch)?
-                    } else {
-                        binding.sample(&logits, rows)?
-                    })
-                }
-            };
-            let host_logits = match picked {
-                Some(_) => None,
-                None => {
-                    let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
-                    match shape[..] {
-                        [b, s, v] if b as usize == batch && s as usize == step_width && v > 0 => {
-                            Some((v as usize, logits))
-                        }
-                        _ => {
-                            return Err(BackendError::Onnx(format!("logits have shape {shape:?}")));
-                        }
-                    }
-                }
+            let logits = outputs
+                .remove("logits")
+                .ok_or_else(|| BackendError::Onnx("the decoder returned no logits".into()))?;
+            let chosen = if rows
+                .iter()
+                .all(|r| r.finished || r.params.is_plain_greedy())
+            {
+                binding.pick_greedy(&logits, batch)?
+            } else {
+                binding.sample(&logits, rows)?
             };
             let mut next = Vec::with_capacity(batch);
-            for (r, row) in rows.iter_mut().enumerate() {
+            for (row, token) in rows.iter_mut().zip(chosen) {
                 if row.finished {
                     next.push(self.eos_id);
                     continue;
                 }
-                let token = match (&picked, host_logits) {
-                    (Some(ids), _) => ids[r],
-                    (None, Some((vocab, logits))) => {
-                        let start = (r * step_width + step_width - 1) * vocab;
-                        let mut row_logits = logits[start..start + vocab].to_vec();
-                        choose_token(
-                            &mut row_logits,
-                            row.prompt.iter().chain(&row.generated).copied(),
-                            row.params,
-                            &mut row.rng,
-                        ) as i64
-                    }
-                    (None, None) => return Err(BackendError::Onnx("no logits to sample".into())),
-                };
                 next.push(token);
                 if token == self.eos_id {
                     row.finished = true;
@@ -1327,53 +1267,6 @@ mod tests {
         );
         let config: BTreeMap<String, String> = [("seed".to_string(), "1".to_string())].into();
         assert!(GenerationParams::from_config(&config, 128).is_err());
-    }
-
-    #[test]
-    fn greedy_takes_the_argmax_after_repetition_penalty() {
-        let greedy = GenerationParams {
-            do_sample: false,
-            repetition_penalty: 4.0,
-            ..Default::default()
-        };
-        let mut rng = Rng::new(0);
-        // Token 0 leads but was seen: 4.0 / 4 = 1.0 < 3.0.
-        assert_eq!(
-            choose_token(&mut [4.0, 3.0, -1.0], [0], &greedy, &mut rng),
-            1
-        );
-    }
-
-    #[test]
-    fn sampling_respects_top_k_top_p_and_the_seed() {
-        let logits = [2.0f32, 1.9, 1.8, -5.0, 0.5];
-        let draw = |p: &GenerationParams, seed| {
-            let mut rng = Rng::new(seed);
-            (0..200)
-                .map(|_| choose_token(&mut logits.to_vec(), [], p, &mut rng))
-                .collect::<Vec<_>>()
-        };
-        let top_k = GenerationParams {
-            top_k: 2,
-            temperature: 1.0,
-            ..Default::default()
-        };
-        assert!(draw(&top_k, 1).iter().all(|&t| t == 0 || t == 1));
-        let top_p = GenerationParams {
-            top_p: 0.3,
-            temperature: 1.0,
-            ..Default::default()
-        };
-        // Token 0 alone has probability ≈ 0.36 ≥ 0.3.
-        assert!(draw(&top_p, 2).iter().all(|&t| t == 0));
-        let free = GenerationParams {
-            temperature: 1.0,
-            ..Default::default()
-        };
-        assert_eq!(draw(&free, 7), draw(&free, 7), "same seed, same tokens");
-        assert_ne!(draw(&free, 7), draw(&free, 8));
-        let seen: HashSet<usize> = draw(&free, 3).into_iter().collect();
-        assert!(seen.len() >= 3, "sampling explores: {seen:?}");
     }
 
     #[test]

@@ -310,6 +310,10 @@ pub const SAMPLER_TOP_K: &str = "top_k";
 pub const SAMPLER_TOP_P: &str = "top_p";
 /// The draw, uniform in [0, 1), from the request's own random generator.
 pub const SAMPLER_UNIFORM: &str = "uniform";
+/// Divides positive (multiplies negative) logits of the tokens in the history (1: off).
+pub const SAMPLER_REPETITION_PENALTY: &str = "repetition_penalty";
+/// Token ids seen so far, `[batch, length]` (rows padded with one of their own ids).
+pub const SAMPLER_HISTORY: &str = "history";
 
 /// A constant of the graph.
 fn add_constant<T>(
@@ -346,11 +350,12 @@ fn add_node(
     Ok(())
 }
 
-/// The sampler as a graph run where the decoder runs, drawing one token per row from
-/// the last position of `logits` the way `generation::choose_token` does on the host
-/// (temperature, then top-k, then top-p over the sorted distribution, then the draw
-/// `uniform` against the kept mass), so a sampling step too moves only token ids to
-/// the host. Floating-point sums may round differently from the host's.
+/// The sampler as a graph run where the decoder runs, choosing one token per row from
+/// the last position of `logits` in the order Hugging Face applies the same settings:
+/// repetition penalty on the `history` tokens, temperature, top-k, top-p over the sorted
+/// distribution, then the draw `uniform` against the kept mass (top-k 1 is greedy). A
+/// step then moves only token ids to the host. `backend/tests/onnx_sessions.rs` checks
+/// it against a plain host implementation.
 pub fn token_sampler(
     environment: &Environment,
     options: SessionOptions,
@@ -368,6 +373,11 @@ pub fn token_sampler(
             SAMPLER_UNIFORM,
             dynamic_tensor(TensorElementType::Float32, 2),
         ),
+        Outlet::new(
+            SAMPLER_REPETITION_PENALTY,
+            dynamic_tensor(TensorElementType::Float32, 2),
+        ),
+        Outlet::new(SAMPLER_HISTORY, dynamic_tensor(TensorElementType::Int64, 2)),
     ])?;
     graph.set_outputs([Outlet::new(
         PICKER_TOKEN_IDS,
@@ -383,7 +393,8 @@ pub fn token_sampler(
     add_constant(&mut graph, "minus_infinity", &[], &[f32::NEG_INFINITY])?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     let g = &mut graph;
-    // The last position's logits over the temperature, sorted (ties: lower id first).
+    // The last position's logits, the seen tokens' penalized (a token seen twice is
+    // written twice with the same value).
     add_node(
         g,
         "Squeeze",
@@ -391,10 +402,48 @@ pub fn token_sampler(
         "row_logits",
         vec![],
     )?;
+    let gather = vec![axis("axis", 1)?];
+    add_node(
+        g,
+        "GatherElements",
+        &["row_logits", SAMPLER_HISTORY],
+        "seen",
+        gather,
+    )?;
+    add_node(g, "Greater", &["seen", "zero_f"], "seen_positive", vec![])?;
     add_node(
         g,
         "Div",
-        &["row_logits", SAMPLER_TEMPERATURE],
+        &["seen", SAMPLER_REPETITION_PENALTY],
+        "seen_divided",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "Mul",
+        &["seen", SAMPLER_REPETITION_PENALTY],
+        "seen_multiplied",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "Where",
+        &["seen_positive", "seen_divided", "seen_multiplied"],
+        "seen_penalized",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "ScatterElements",
+        &["row_logits", SAMPLER_HISTORY, "seen_penalized"],
+        "penalized",
+        vec![axis("axis", 1)?],
+    )?;
+    // Over the temperature, sorted (ties: lower id first).
+    add_node(
+        g,
+        "Div",
+        &["penalized", SAMPLER_TEMPERATURE],
         "scaled",
         vec![],
     )?;

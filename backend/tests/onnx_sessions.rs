@@ -11,11 +11,15 @@ use std::path::{Path, PathBuf};
 
 use ort::environment::Environment;
 use ort::value::Tensor;
-use triton_rust::generation::{GenerationParams, Rng, choose_token};
+use std::collections::HashSet;
+
+use triton_rust::generation::{GenerationParams, Rng, SamplerRow};
 use triton_rust::onnx::{
     self, Device, LibrarySource, OnnxRuntimeLibrary, PICKER_LOGITS, PICKER_TOKEN_IDS,
-    SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM, SessionOptions,
+    SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY, SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P,
+    SAMPLER_UNIFORM, SessionOptions,
 };
+use triton_rust::postprocess::{argmax, softmax};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -92,8 +96,61 @@ fn greedy_token_picker_takes_the_last_positions_arg_max() {
     assert_eq!(ids, [1, 0]);
 }
 
+/// The sampler written plainly on the host, step by step as Hugging Face applies the
+/// settings: the reference the device graph must agree with.
+fn reference_token(
+    logits: &mut [f32],
+    history: &[i64],
+    params: &GenerationParams,
+    uniform: f32,
+) -> i64 {
+    if params.repetition_penalty != 1.0 {
+        let seen: HashSet<usize> = history.iter().map(|&t| t as usize).collect();
+        for token in seen {
+            let logit = &mut logits[token];
+            *logit = if *logit > 0.0 {
+                *logit / params.repetition_penalty
+            } else {
+                *logit * params.repetition_penalty
+            };
+        }
+    }
+    if !params.do_sample {
+        return argmax(logits).expect("logits") as i64;
+    }
+    for logit in logits.iter_mut() {
+        *logit /= params.temperature;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
+    let kept: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
+    let mut probabilities = softmax(&kept);
+    if params.top_p < 1.0 {
+        let mut total = 0.0;
+        let keep = probabilities
+            .iter()
+            .position(|&p| {
+                total += p;
+                total >= params.top_p
+            })
+            .map_or(probabilities.len(), |last| last + 1);
+        probabilities.truncate(keep);
+    }
+    let mut target = uniform * probabilities.iter().sum::<f32>();
+    for (rank, p) in probabilities.iter().enumerate() {
+        if target < *p {
+            return order[rank] as i64;
+        }
+        target -= p;
+    }
+    order[probabilities.len() - 1] as i64
+}
+
 #[test]
-fn token_sampler_draws_what_the_host_sampler_draws() {
+fn token_sampler_chooses_what_the_reference_chooses() {
     let environment = environment();
     let error = onnx::token_sampler(&environment, options(Device::Cuda { device_id: 0 }))
         .expect_err("no CUDA here: the sampler must not fall back to CPU")
@@ -104,53 +161,103 @@ fn token_sampler_draws_what_the_host_sampler_draws() {
 
     const VOCAB: usize = 50;
     const ROWS: usize = 200;
+    const HISTORY: usize = 6;
+    // (do_sample, temperature, top_k, top_p, repetition_penalty)
     let settings = [
-        (0.7, 0, 1.0),
-        (1.3, 5, 1.0),
-        (1.0, 0, 0.9),
-        (0.5, 20, 0.8),
-        (2.0, 1, 1.0),
+        (true, 0.7, 0, 1.0, 1.0),
+        (true, 1.3, 5, 1.0, 1.0),
+        (true, 1.0, 0, 0.9, 1.0),
+        (true, 0.5, 20, 0.8, 1.0),
+        (true, 2.0, 1, 1.0, 1.0),
+        (true, 1.0, 10, 0.95, 1.8),
+        (false, 0.7, 0, 1.0, 1.0),
+        (false, 0.7, 0, 1.0, 4.0),
+        (false, 0.7, 0, 1.0, 0.5),
     ];
-    for (temperature, top_k, top_p) in settings {
+    for (case, (do_sample, temperature, top_k, top_p, repetition_penalty)) in
+        settings.into_iter().enumerate()
+    {
         let params = GenerationParams {
+            do_sample,
             temperature,
             top_k,
             top_p,
-            do_sample: true,
+            repetition_penalty,
             ..Default::default()
         };
+        let row = SamplerRow::new(&params, false);
+        let mut noise = Rng::new(case as u64 + 1000);
         // Two positions per row: the sampler must use the last one.
-        let mut noise = Rng::new(top_k as u64 + 1000);
         let logits: Vec<f32> = (0..ROWS * 2 * VOCAB)
             .map(|_| (noise.next_unit() - 0.5) * 8.0)
             .collect();
-        let mut expected = Vec::new();
-        let mut uniforms = Vec::new();
-        for row in 0..ROWS {
-            let start = (row * 2 + 1) * VOCAB;
-            let mut row_logits = logits[start..start + VOCAB].to_vec();
-            expected
-                .push(choose_token(&mut row_logits, [], &params, &mut Rng::new(row as u64)) as i64);
-            uniforms.push(Rng::new(row as u64).next_unit());
-        }
-        let top_k = if top_k == 0 { i64::MAX } else { top_k as i64 };
-        let top_p = if top_p >= 1.0 { f32::INFINITY } else { top_p };
+        // Seen tokens, with repeats (counted once).
+        let history: Vec<i64> = (0..ROWS * HISTORY)
+            .map(|_| (noise.next_u64() % 12) as i64)
+            .collect();
+        let uniforms: Vec<f32> = (0..ROWS)
+            .map(|r| {
+                if row.draws {
+                    Rng::new(r as u64).next_unit()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let expected: Vec<i64> = (0..ROWS)
+            .map(|r| {
+                let start = (r * 2 + 1) * VOCAB;
+                reference_token(
+                    &mut logits[start..start + VOCAB].to_vec(),
+                    &history[r * HISTORY..(r + 1) * HISTORY],
+                    &params,
+                    uniforms[r],
+                )
+            })
+            .collect();
+        let column = |value: f32| Tensor::from_array(([ROWS, 1], vec![value; ROWS]));
         let outputs = sampler
             .run(ort::inputs![
                 PICKER_LOGITS => Tensor::from_array(([ROWS, 2, VOCAB], logits)).expect("logits"),
-                SAMPLER_TEMPERATURE => Tensor::from_array(([ROWS, 1], vec![temperature; ROWS])).expect("t"),
-                SAMPLER_TOP_K => Tensor::from_array(([ROWS, 1], vec![top_k; ROWS])).expect("k"),
-                SAMPLER_TOP_P => Tensor::from_array(([ROWS, 1], vec![top_p; ROWS])).expect("p"),
+                SAMPLER_TEMPERATURE => column(row.temperature).expect("t"),
+                SAMPLER_TOP_K => Tensor::from_array(([ROWS, 1], vec![row.top_k; ROWS])).expect("k"),
+                SAMPLER_TOP_P => column(row.top_p).expect("p"),
                 SAMPLER_UNIFORM => Tensor::from_array(([ROWS, 1], uniforms)).expect("u"),
+                SAMPLER_REPETITION_PENALTY => column(row.repetition_penalty).expect("r"),
+                SAMPLER_HISTORY => Tensor::from_array(([ROWS, HISTORY], history)).expect("h"),
             ])
             .expect("the sampler runs");
         let (shape, ids) = outputs[PICKER_TOKEN_IDS]
             .try_extract_tensor::<i64>()
             .expect("int64 ids");
         assert_eq!(shape[..], [ROWS as i64, 1]);
-        assert_eq!(
-            ids, expected,
-            "temperature {temperature}, top_k {top_k}, top_p {top_p}"
-        );
+        assert_eq!(ids, expected, "settings {case}: {params:?}");
     }
+}
+
+#[test]
+fn finished_rows_ride_along_unchanged() {
+    let params = GenerationParams {
+        temperature: 0.3,
+        top_k: 4,
+        top_p: 0.5,
+        repetition_penalty: 2.0,
+        ..Default::default()
+    };
+    let finished = SamplerRow::new(&params, true);
+    assert!(!finished.draws);
+    assert_eq!(
+        (
+            finished.temperature,
+            finished.top_k,
+            finished.repetition_penalty
+        ),
+        (1.0, 1, 1.0)
+    );
+    let active = SamplerRow::new(&params, false);
+    assert!(active.draws);
+    assert_eq!(
+        (active.temperature, active.top_k, active.top_p),
+        (0.3, 4, 0.5)
+    );
 }
