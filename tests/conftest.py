@@ -146,9 +146,10 @@ class TritonServer:
 
 
 @contextlib.contextmanager
-def running_server(repository, log_path: Path, args=(), env=None):
-    """A ready server for the duration of a with-block; its log must show no panic."""
-    triton = TritonServer(repository, log_path, args, env)
+def running_server(repository, log_path: Path, args=(), env=None, **options):
+    """A ready server for the duration of a with-block; its log must show no panic.
+    `options` go to TritonServer (`command`, `cwd`, `backend_dir`)."""
+    triton = TritonServer(repository, log_path, args, env, **options)
     try:
         triton.wait_until()
         yield triton

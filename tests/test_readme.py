@@ -23,7 +23,7 @@ import pytest
 from conftest import (
     MODEL_REPOSITORY,
     REPO_ROOT,
-    TritonServer,
+    running_server,
     error_message,
     infer,
     load_model,
@@ -86,20 +86,15 @@ def readme_server_command() -> tuple[list[str], dict[str, str]]:
 def readme_server(tmp_path_factory):
     """A server started from the README's command line, in the repository root."""
     command, env = readme_server_command()
-    triton = TritonServer(
+    with running_server(
         MODEL_REPOSITORY,
         tmp_path_factory.mktemp("readme") / "tritonserver.log",
         args=["--load-model=bert-base", "--load-model=gpt2-small"],
         env=env,
         command=command,
         cwd=REPO_ROOT,
-    )
-    try:
-        triton.wait_until()
+    ) as triton:
         yield triton
-    finally:
-        triton.stop()
-        assert "panic" not in triton.log().lower(), triton.log()[-5000:]
 
 
 def run_block(server, block: str) -> str:
