@@ -738,7 +738,8 @@ impl Generator {
                     params: &request.params,
                     rng: Rng::new(seed),
                     generated: Vec::new(),
-                    text: TextStream::new(&self.tokenizer),
+                    text: (request.stream || !request.params.stop.is_empty())
+                        .then(|| TextStream::new(&self.tokenizer)),
                     finished: false,
                 });
             }
@@ -764,7 +765,10 @@ impl Generator {
                 let full = self.decode(&row.generated)?;
                 let continuation = cut_at_stop(&full, &request.params.stop);
                 texts.push(if request.stream {
-                    row.text.unsent_part_of(continuation).to_owned()
+                    row.text
+                        .as_ref()
+                        .map_or(continuation, |text| text.unsent_part_of(continuation))
+                        .to_owned()
                 } else {
                     format!("{prompt}{continuation}")
                 });
@@ -803,7 +807,12 @@ impl Generator {
             }
             let pieces: Vec<String> = request_rows
                 .iter_mut()
-                .map(|row| row.text.take_ready(&row.params.stop))
+                .map(|row| {
+                    row.text
+                        .as_mut()
+                        .map(|text| text.take_ready(&row.params.stop))
+                        .unwrap_or_default()
+                })
                 .collect();
             if pieces.iter().all(String::is_empty) {
                 continue;
@@ -913,7 +922,10 @@ impl Generator {
                     continue;
                 }
                 row.generated.push(token);
-                let stopped = row.text.push(token, &row.params.stop)?;
+                let stopped = match &mut row.text {
+                    Some(text) => text.push(token, &row.params.stop)?,
+                    None => false,
+                };
                 row.finished = stopped
                     || row.generated.len() >= row.params.max_new_tokens
                     || row.prompt.len() + row.generated.len() >= self.context_length;
@@ -1022,7 +1034,9 @@ struct Row<'g> {
     params: &'g GenerationParams,
     rng: Rng,
     generated: Vec<i64>,
-    text: TextStream<'g>,
+    /// Only rows that stream or watch for stop strings decode as they go; the others
+    /// decode their tokens once, at the end.
+    text: Option<TextStream<'g>>,
     finished: bool,
 }
 
