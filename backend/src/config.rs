@@ -38,7 +38,7 @@ fn config_error(message: impl Into<String>) -> BackendError {
 }
 
 /// Reads a protobuf-JSON integer, which Triton may write as a number or a string.
-fn json_int(value: &Value) -> Option<i64> {
+pub(crate) fn json_int(value: &Value) -> Option<i64> {
     match value {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.parse().ok(),

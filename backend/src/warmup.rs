@@ -23,6 +23,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::config::json_int;
 use crate::error::BackendError;
 use crate::triton::{DataType, InputTensor};
 
@@ -41,15 +42,6 @@ pub struct WarmupRequest {
 
 fn warmup_error(sample: &str, message: impl std::fmt::Display) -> BackendError {
     BackendError::Config(format!("model_warmup sample '{sample}': {message}"))
-}
-
-/// A protobuf-JSON integer, which Triton may write as a number or a string.
-fn json_int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
 }
 
 /// The datatype and element size of a configuration type name.
