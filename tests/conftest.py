@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -211,6 +212,12 @@ def load_reference(model: str) -> dict:
 
 
 # --- HTTP helpers shared by the suites (plain functions, no server state) ---
+
+
+def bytes_tensor(*elements: bytes) -> bytes:
+    """Elements serialized as Triton's BYTES tensor: a 4-byte little-endian length, then
+    the bytes, per element."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
 def text_input(texts, name: str = "text_input", shape=None) -> dict:

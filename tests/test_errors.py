@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import (
+    bytes_tensor,
     MODEL_REPOSITORY,
     running_server,
     assert_error,
@@ -48,11 +49,6 @@ def still_serving_afterwards(server):
     assert server.is_healthy(), server.log()[-5000:]
     for model in MODELS:
         assert_serves(server, model)
-
-
-def bytes_tensor(*elements: bytes) -> bytes:
-    """Triton's BYTES layout: per element a little-endian u32 length, then the bytes."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
 def infer_binary(server, model: str, name: str, shape, payload: bytes, datatype="BYTES"):

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    bytes_tensor,
     MODEL_REPOSITORY,
     assert_error,
     error_message,
@@ -52,10 +53,6 @@ ZERO_DATA = "warmup-zero-data"
 TWO_INSTANCES = "classifier-two-instances"
 # Rust's size_of::<String>() + size_of::<u32>() on 64-bit targets (memory.rs).
 VOCAB_ENTRY_OVERHEAD = 24 + 4
-
-
-def bytes_tensor(texts: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(text)) + text for text in texts)
 
 
 def read_bytes_tensor(data: bytes) -> list[bytes]:
@@ -104,7 +101,7 @@ def lifecycle_server(tmp_path_factory):
     plain = copy_model(repository, PLAIN_TEXT, CLASSIFIER)
     (plain / "warmup" / "text_input.bin").write_text("What a wonderful day!\nNot great.\n")
     empty = copy_model(repository, EMPTY_TEXT, CLASSIFIER)
-    (empty / "warmup" / "text_input.bin").write_bytes(bytes_tensor([b"Fine.", b""]))
+    (empty / "warmup" / "text_input.bin").write_bytes(bytes_tensor(b"Fine.", b""))
     copy_model(
         repository,
         ZERO_DATA,
