@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use triton_rust::bytes_tensor;
-use triton_rust::generation::{
-    DecoderBinding, GenerationParams, GenerationProgress, GenerationRequest, Generator,
-};
+use triton_rust::generation::decoder::DecoderBinding;
+use triton_rust::generation::params::GenerationParams;
+use triton_rust::generation::{GenerationRequest, Generator};
 use triton_rust::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
-use triton_rust::pipeline::OutputTensor;
+use triton_rust::responder::{CollectingResponder, Responder};
 use triton_rust::tokenize::load_tokenizer;
-use triton_rust::triton::{DataType, InputTensor, ParameterValue};
+use triton_rust::types::{DataType, InputTensor, ParameterValue};
 
 const PROMPTS: [&str; 8] = [
     "The weather today is",
@@ -36,19 +36,6 @@ const PROMPTS: [&str; 8] = [
     "Machine learning models",
     "A long time ago in a galaxy",
 ];
-
-/// Nothing is cancelled and nothing streams.
-struct NoProgress;
-
-impl GenerationProgress for NoProgress {
-    fn is_cancelled(&self, _request: usize) -> bool {
-        false
-    }
-
-    fn send_partial(&mut self, _request: usize, _outputs: Vec<OutputTensor>) -> bool {
-        true
-    }
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -64,7 +51,7 @@ fn request(generator: &Generator, batch: usize, new_tokens: usize) -> Generation
     let text = InputTensor {
         datatype: DataType::Bytes,
         shape: vec![batch as i64],
-        data: bytes_tensor::encode_elements(&prompts),
+        data: bytes_tensor::encode_elements(&prompts).into(),
     };
     let parameters = [
         ("do_sample".to_string(), ParameterValue::Bool(false)),
@@ -91,7 +78,8 @@ fn timed(
             session,
             binding,
             std::slice::from_ref(request),
-            &mut NoProgress,
+            // Nothing is cancelled and nothing streams.
+            &mut [&mut CollectingResponder::default() as &mut dyn Responder],
         )
         .expect("generation runs");
     (started.elapsed(), ids)

@@ -1,7 +1,5 @@
 //! Errors of the model logic (no FFI), mapped to Triton error codes at the boundary.
 
-use crate::triton::{Error, ErrorCode};
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The request is malformed: answered to that request only.
@@ -13,28 +11,77 @@ pub enum BackendError {
     /// A file the model needs is missing or unreadable.
     #[error("{0}")]
     ModelFile(String),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    /// The tokenizer failed doing `context`.
+    #[error("tokenizer: {context}: {source}")]
+    Tokenizer {
+        context: String,
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// The ONNX Runtime library cannot be found or loaded.
     #[error("ONNX Runtime: {0}")]
-    Onnx(String),
+    OnnxRuntimeLibrary(String),
+    /// An ONNX Runtime call failed.
+    #[error("ONNX Runtime: {0}")]
+    Onnx(#[from] ort::Error),
+    /// An ONNX Runtime call failed doing `context`.
+    #[error("ONNX Runtime: {context}: {source}")]
+    OnnxContext {
+        context: String,
+        #[source]
+        source: ort::Error,
+    },
+    /// The model or the server cannot do what was asked.
     #[error("{0}")]
     Unsupported(String),
+    /// A bug in this backend, or a model that breaks what it promised at load (e.g. an
+    /// output of the wrong shape); panics end up here too.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
-impl From<ort::Error> for BackendError {
-    fn from(error: ort::Error) -> Self {
-        BackendError::Onnx(error.to_string())
+impl BackendError {
+    /// An ONNX Runtime error with what was being done.
+    pub fn onnx(context: impl Into<String>, source: impl Into<ort::Error>) -> Self {
+        BackendError::OnnxContext {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A tokenizer error with what was being done.
+    pub fn tokenizer(context: impl Into<String>, source: tokenizers::Error) -> Self {
+        BackendError::Tokenizer {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        BackendError::Internal(message.into())
     }
 }
 
-impl From<BackendError> for Error {
-    fn from(error: BackendError) -> Self {
-        let code = match &error {
-            BackendError::InvalidInput(_) | BackendError::Config(_) => ErrorCode::InvalidArg,
-            BackendError::ModelFile(_) => ErrorCode::NotFound,
-            BackendError::Unsupported(_) => ErrorCode::Unsupported,
-            BackendError::Tokenizer(_) | BackendError::Onnx(_) => ErrorCode::Internal,
-        };
-        Error::new(code, error.to_string())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_keep_their_source() {
+        let source: tokenizers::Error = "bad merges".into();
+        let error = BackendError::tokenizer("cannot load tokenizer.json", source);
+        assert_eq!(
+            error.to_string(),
+            "tokenizer: cannot load tokenizer.json: bad merges"
+        );
+        assert_eq!(
+            error.source().map(ToString::to_string).as_deref(),
+            Some("bad merges")
+        );
+        assert_eq!(
+            BackendError::internal("panic while running the model: boom").to_string(),
+            "internal error: panic while running the model: boom"
+        );
     }
 }

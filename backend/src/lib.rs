@@ -13,11 +13,14 @@ pub mod health;
 pub mod memory;
 pub mod model;
 pub mod onnx;
-pub mod pipeline;
 pub mod postprocess;
-pub mod task;
+pub mod responder;
+pub mod settings;
+pub mod tasks;
+pub mod text;
 pub mod tokenize;
 pub mod triton;
+pub mod types;
 pub mod warmup;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -179,7 +182,7 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             )
         })?;
         if let Err(error) = state
-            .memory_usage(model)
+            .memory_usage()
             .and_then(|usage| instance.report_memory_usage(&usage))
         {
             log_warn!(
@@ -202,9 +205,10 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceFinalize(
         let instance = unsafe { InstanceHandle::from_raw(instance) }?;
         // SAFETY: the state was set as an `Instance` and is not used again (Triton neither
         // executes nor asks for readiness during finalize); dropping it releases the ONNX
-        // Runtime session.
+        // Runtime session, once no request of the instance is still being answered.
         if let Some(slot) = unsafe { instance.take_state::<Instance>() }? {
             let state = slot.into_inner();
+            state.wait_idle();
             log_info!("triton-rust: instance '{}' finalized", state.name);
         }
         Ok(())
@@ -242,12 +246,10 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
             // SAFETY: the state was set as an `Instance` in ModelInstanceInitialize and is
             // only ever shared; its mutex gives this execution the instance alone.
             let slot = unsafe { instance.state::<Instance>() }?;
-            // SAFETY: the model state was set as ModelState and outlives its instances.
-            let model = unsafe { instance.model()?.state::<ModelState>() }?;
-            Ok::<_, Error>((instance, slot, model))
+            Ok::<_, Error>((instance, slot))
         })();
         match states {
-            Ok((instance, slot, model)) => model::execute(instance, &mut slot.lock(), model, owned),
+            Ok((instance, slot)) => slot.lock().execute(instance, owned),
             Err(error) => {
                 log_error!("triton-rust: execute failed: {error}");
                 model::fail_all(owned, &error);

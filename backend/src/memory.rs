@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::BackendError;
 use crate::onnx::Device;
-use crate::triton::{MemoryPlace, MemoryUsage};
+use crate::types::{MemoryPlace, MemoryUsage};
 
 /// Where an instance's session keeps its weights.
 pub fn place_of(device: Device) -> MemoryPlace {

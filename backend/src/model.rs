@@ -1,29 +1,55 @@
-//! One type per Triton concept: the backend, a model (config parsed once at load), and a
-//! model instance (one ONNX Runtime session). `execute` gathers the inputs of all
-//! requests into one batch, runs it, and answers each request on its own.
+//! One type per Triton concept: the backend, a model version (its configuration parsed
+//! once at load, its task loaded), and a model instance. `execute` reads and prepares
+//! each request on its own, hands the batch to the task, and the task answers every
+//! request through a [`TritonResponder`].
+//!
+//! This is the glue between the safe Triton layer and the tasks: it knows no task by
+//! name (the registry in `tasks` does).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
-use ort::session::Session;
-
-use crate::config::{ModelConfig, ModelSettings};
+use crate::config::ModelConfig;
 use crate::error::BackendError;
-use crate::generation::GenerationProgress;
-use crate::memory;
-use crate::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
-use crate::pipeline::OutputTensor;
-use crate::task::{TaskBinding, TaskLogic, TaskRequest};
+use crate::onnx::{Device, OnnxRuntimeLibrary};
+use crate::responder::{OutputWriter, Responder, WriteOutputs};
+use crate::settings::{self, KnownParameters, Settings};
+use crate::tasks::{self, InstanceContext, ModelContext, Pending, RequestData, Task, TaskVisitor};
 use crate::triton::{
-    BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, MemoryUsage,
-    ModelHandle, Request, Response, now_ns,
+    BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle,
+    Request, Response, ResponseFactory, now_ns,
 };
+use crate::types::{DataType, MemoryUsage};
 use crate::warmup;
 use crate::{log_error, log_info};
 
-pub const MODEL_FILE: &str = "model.onnx";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+impl From<BackendError> for Error {
+    fn from(error: BackendError) -> Self {
+        let code = match &error {
+            BackendError::InvalidInput(_) | BackendError::Config(_) => ErrorCode::InvalidArg,
+            BackendError::ModelFile(_) => ErrorCode::NotFound,
+            BackendError::Unsupported(_) => ErrorCode::Unsupported,
+            BackendError::Tokenizer { .. }
+            | BackendError::OnnxRuntimeLibrary(_)
+            | BackendError::Onnx(_)
+            | BackendError::OnnxContext { .. }
+            | BackendError::Internal(_) => ErrorCode::Internal,
+        };
+        Error::new(code, error.to_string())
+    }
+}
+
+impl From<Error> for BackendError {
+    fn from(error: Error) -> Self {
+        match error.code {
+            ErrorCode::InvalidArg => BackendError::InvalidInput(error.message),
+            ErrorCode::Unsupported => BackendError::Unsupported(error.message),
+            _ => BackendError::Internal(error.message),
+        }
+    }
+}
 
 /// Process-wide backend state: where ONNX Runtime comes from.
 pub struct BackendState {
@@ -31,7 +57,7 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    pub fn new(backend: BackendHandle) -> Result<Self, Error> {
+    pub fn new(backend: BackendHandle<'_>) -> Result<Self, Error> {
         let config: serde_json::Value = serde_json::from_str(&backend.config_json()?)
             .map_err(|e| Error::internal(format!("backend config is not JSON: {e}")))?;
         let configured = config
@@ -51,80 +77,153 @@ impl BackendState {
     }
 }
 
-/// A loaded model version: its settings, tokenizer and task logic, shared by instances.
+/// A loaded model version, whatever its task.
+pub trait LoadedModel: Send + Sync {
+    /// The memory the version holds for all its instances.
+    fn memory_usage(&self) -> Vec<MemoryUsage>;
+    /// Builds one instance.
+    fn instance(&self, context: &InstanceContext) -> Result<Box<dyn LoadedInstance>, BackendError>;
+}
+
+/// A model instance, whatever its task.
+pub trait LoadedInstance: Send {
+    fn memory_usage(&self) -> Result<Vec<MemoryUsage>, BackendError>;
+    /// Answers every request (never fails as a whole).
+    fn execute(&mut self, instance: InstanceHandle<'_>, requests: Vec<Request>);
+    /// Waits until no request of this instance is still being answered (a task may
+    /// answer after `execute` returns).
+    fn wait_idle(&self);
+}
+
+/// A loaded model version: its name, version and task.
 pub struct ModelState {
     pub name: String,
     pub version: u64,
-    settings: ModelSettings,
-    max_batch_size: i64,
-    model_path: PathBuf,
-    task: TaskLogic,
-    environment: ort::environment::Environment,
+    model: Box<dyn LoadedModel>,
 }
 
 impl ModelState {
-    pub fn new(model: ModelHandle, backend: &BackendState) -> Result<Self, Error> {
+    pub fn new(model: ModelHandle<'_>, backend: &BackendState) -> Result<Self, Error> {
         let name = model.name()?;
         let version = model.version()?;
-        let config_json = model.config_json()?;
-        let config = ModelConfig::from_json(&config_json)?;
-        let settings = ModelSettings::from_parameters(&config.parameters)?;
+        let config = ModelConfig::from_json(&model.config_json()?)?;
         let model_dir = PathBuf::from(model.repository_path()?);
         let version_dir = model_dir.join(version.to_string());
-        let model_path = version_dir.join(MODEL_FILE);
-        if !model_path.is_file() {
-            return Err(BackendError::ModelFile(format!(
-                "model file {} does not exist",
-                model_path.display()
+        let task_name = config.parameters.get(settings::TASK).ok_or_else(|| {
+            BackendError::Config(format!(
+                "parameter 'task' is required: one of {}",
+                tasks::task_names()
             ))
-            .into());
-        }
-        let task = TaskLogic::new(&config, &settings, &version_dir.join(TOKENIZER_FILE))?;
-        let environment = onnx::environment(&backend.onnxruntime)?;
+        })?;
+        let context = ModelContext {
+            name: &name,
+            version,
+            config: &config,
+            version_dir: &version_dir,
+            onnxruntime: &backend.onnxruntime,
+        };
+        let loaded = tasks::visit_task(
+            task_name.trim(),
+            Loader {
+                context: &context,
+                model_dir: &model_dir,
+            },
+        )
+        .ok_or_else(|| {
+            BackendError::Config(format!(
+                "parameter 'task' is '{task_name}'; expected one of {}",
+                tasks::task_names()
+            ))
+        })??;
         log_info!(
-            "triton-rust: model '{name}' version {version}: task {:?}, max batch size {}",
-            settings.task,
+            "triton-rust: model '{name}' version {version}: task {}, max batch size {}",
+            task_name.trim(),
             config.max_batch_size
         );
-        let state = ModelState {
+        Ok(ModelState {
             name,
             version,
-            settings,
-            max_batch_size: config.max_batch_size,
-            model_path,
-            task,
-            environment,
-        };
-        state.check_warmup(&config_json, &config, &model_dir)?;
-        Ok(state)
+            model: loaded,
+        })
     }
 
-    /// The memory this model version holds for all its instances: its tokenizer.
     pub fn memory_usage(&self) -> Vec<MemoryUsage> {
-        vec![memory::tokenizer_usage(self.task.tokenizer())]
+        self.model.memory_usage()
+    }
+}
+
+/// Loads the task a model names: its settings, its tensors, the task itself, and a
+/// check of the warm-up requests Triton will send it.
+struct Loader<'a> {
+    context: &'a ModelContext<'a>,
+    model_dir: &'a Path,
+}
+
+impl TaskVisitor for Loader<'_> {
+    type Output = Result<Box<dyn LoadedModel>, BackendError>;
+
+    fn visit<T: Task>(self) -> Self::Output {
+        let config = self.context.config;
+        let known = KnownParameters {
+            task: T::NAME,
+            names: T::Settings::names(),
+        };
+        let others: Vec<KnownParameters> = tasks::known_parameters()
+            .into_iter()
+            .filter(|other| other.task != T::NAME)
+            .collect();
+        settings::refuse_unknown(&config.parameters, &known, &others)?;
+        let settings = T::Settings::parse(&config.parameters)?;
+        T::contract(config.decoupled()).check(config, T::NAME)?;
+        let task = T::load(self.context, settings)?;
+        check_warmup(&task, config, self.model_dir)?;
+        Ok(Box::new(TaskModel {
+            task: Arc::new(task),
+            max_batch_size: config.max_batch_size,
+        }))
+    }
+}
+
+/// Puts each warm-up request Triton will send through the same validation as a client
+/// request: the first one the backend would refuse fails the load here, before any
+/// instance runs it (see `warmup.rs`).
+fn check_warmup<T: Task>(
+    task: &T,
+    config: &ModelConfig,
+    model_dir: &Path,
+) -> Result<(), BackendError> {
+    let outputs: Vec<String> = config.outputs.iter().map(|o| o.name.clone()).collect();
+    for request in warmup::warmup_requests(&config.model_warmup, config.max_batch_size, model_dir)?
+    {
+        let data = RequestData {
+            inputs: request.inputs,
+            parameters: Vec::new(),
+            requested_outputs: outputs.clone(),
+        };
+        task.prepare(data).map_err(|error| {
+            BackendError::Config(format!("model_warmup sample '{}': {error}", request.sample))
+        })?;
+    }
+    Ok(())
+}
+
+struct TaskModel<T: Task> {
+    task: Arc<T>,
+    max_batch_size: i64,
+}
+
+impl<T: Task> LoadedModel for TaskModel<T> {
+    fn memory_usage(&self) -> Vec<MemoryUsage> {
+        self.task.memory_usage()
     }
 
-    /// Puts each warm-up request Triton will send through the same input validation as a
-    /// client request: the first one the backend would refuse fails the load here, before
-    /// any instance runs it.
-    fn check_warmup(
-        &self,
-        config_json: &str,
-        config: &ModelConfig,
-        model_dir: &Path,
-    ) -> Result<(), Error> {
-        let outputs: Vec<String> = config.outputs.iter().map(|o| o.name.clone()).collect();
-        for request in warmup::warmup_requests(config_json, self.max_batch_size, model_dir)? {
-            self.task
-                .prepare(request.inputs, &[], outputs.clone())
-                .map_err(|error| {
-                    BackendError::Config(format!(
-                        "model_warmup sample '{}': {error}",
-                        request.sample
-                    ))
-                })?;
-        }
-        Ok(())
+    fn instance(&self, context: &InstanceContext) -> Result<Box<dyn LoadedInstance>, BackendError> {
+        Ok(Box::new(TaskInstance {
+            state: self.task.instance(context)?,
+            task: Arc::clone(&self.task),
+            max_batch_size: self.max_batch_size,
+            in_flight: InFlight::default(),
+        }))
     }
 }
 
@@ -138,59 +237,87 @@ const _: () = {
     moved_across_threads::<InstanceState>();
 };
 
-/// One model instance: an ONNX Runtime session bound to the model's task.
+/// One model instance.
 pub struct InstanceState {
     pub name: String,
-    session: Session,
-    binding: TaskBinding,
-    device: Device,
+    instance: Box<dyn LoadedInstance>,
 }
 
 impl InstanceState {
-    pub fn new(instance: InstanceHandle, model: &ModelState) -> Result<Self, Error> {
+    pub fn new(instance: InstanceHandle<'_>, model: &ModelState) -> Result<Self, Error> {
         let name = instance.name()?;
         let device = match instance.kind()? {
             InstanceKind::Gpu { device_id } => Device::Cuda { device_id },
             InstanceKind::Cpu | InstanceKind::Model { .. } | InstanceKind::Auto => Device::Cpu,
         };
-        let options = SessionOptions {
-            intra_op_threads: model.settings.intra_op_threads,
-            inter_op_threads: model.settings.inter_op_threads,
+        let context = InstanceContext {
+            name: name.clone(),
             device,
         };
-        let session = onnx::load_session(&model.environment, &model.model_path, options)?;
-        let binding = model.task.bind(&session, &model.environment, options)?;
+        let loaded = model.model.instance(&context)?;
         log_info!(
             "triton-rust: instance '{name}' of '{}' ready on {device:?}",
             model.name
         );
         Ok(InstanceState {
             name,
-            session,
-            binding,
-            device,
+            instance: loaded,
         })
     }
 
-    /// The memory this instance holds: its session's weights, on its device.
-    pub fn memory_usage(&self, model: &ModelState) -> Result<Vec<MemoryUsage>, Error> {
-        Ok(vec![memory::session_weights(
-            &model.model_path,
-            self.device,
-        )?])
+    pub fn memory_usage(&self) -> Result<Vec<MemoryUsage>, Error> {
+        Ok(self.instance.memory_usage()?)
+    }
+
+    pub fn execute(&mut self, instance: InstanceHandle<'_>, requests: Vec<Request>) {
+        self.instance.execute(instance, requests);
+    }
+
+    /// Waits for requests still being answered, before the instance goes away.
+    pub fn wait_idle(&self) {
+        self.instance.wait_idle();
     }
 }
 
-/// Reads a request's inputs and requested outputs into host memory.
-fn read_request(request: &Request, model: &ModelState) -> Result<TaskRequest, Error> {
-    let mut inputs = HashMap::new();
-    for name in request.input_names()? {
-        let tensor = request.read_input(&name)?;
-        inputs.insert(name, tensor);
+/// Counts the requests of an instance that are still being answered.
+#[derive(Default, Clone)]
+struct InFlight(Arc<(Mutex<usize>, Condvar)>);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        let (count, _) = &*self.0;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        InFlightGuard(self.clone())
     }
-    let wanted = request.requested_output_names()?;
-    let parameters = request.parameters()?;
-    Ok(model.task.prepare(inputs, &parameters, wanted)?)
+
+    fn wait_idle(&self) {
+        let (count, idle) = &*self.0;
+        let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count > 0 {
+            count = idle.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One request in flight; dropping it ends that.
+struct InFlightGuard(InFlight);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let (count, idle) = &*(self.0).0;
+        let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            idle.notify_all();
+        }
+    }
+}
+
+struct TaskInstance<T: Task> {
+    task: Arc<T>,
+    state: T::Instance,
+    max_batch_size: i64,
+    in_flight: InFlight,
 }
 
 /// The message a panic carries (a `&str` or a `String`), for logs and errors.
@@ -202,192 +329,256 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
-/// Executes one batch of requests. Never fails as a whole: every error is answered to
-/// the request that caused it (or to every request of the batch, if the batch failed).
-pub fn execute(
-    instance: InstanceHandle,
-    state: &mut InstanceState,
-    model: &ModelState,
-    requests: Vec<Request>,
-) {
-    let exec_start_ns = now_ns();
-    let mut batched: Vec<Request> = Vec::with_capacity(requests.len());
-    let mut prepared: Vec<TaskRequest> = Vec::with_capacity(requests.len());
-    let mut failed: Vec<(Request, Error)> = Vec::new();
-    for request in requests {
-        let read = catch_unwind(AssertUnwindSafe(|| read_request(&request, model))).unwrap_or_else(
-            |panic| {
-                Err(Error::internal(format!(
+/// Reads a request's inputs, parameters and requested outputs.
+fn read_request(request: &Request) -> Result<RequestData<'_>, Error> {
+    let mut inputs = HashMap::new();
+    for name in request.input_names()? {
+        let tensor = request.read_input(&name)?;
+        inputs.insert(name, tensor);
+    }
+    Ok(RequestData {
+        inputs,
+        parameters: request.parameters()?,
+        requested_outputs: request.requested_output_names()?,
+    })
+}
+
+impl<T: Task> LoadedInstance for TaskInstance<T> {
+    fn memory_usage(&self) -> Result<Vec<MemoryUsage>, BackendError> {
+        self.task.instance_memory_usage(&self.state)
+    }
+
+    fn execute(&mut self, instance: InstanceHandle<'_>, requests: Vec<Request>) {
+        let exec_start_ns = now_ns();
+        let mut prepared = Vec::with_capacity(requests.len());
+        let mut failed = Vec::new();
+        for request in requests {
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let data = read_request(&request).map_err(BackendError::from)?;
+                self.task.prepare(data)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(BackendError::internal(format!(
                     "panic while reading the request: {}",
                     panic_message(&*panic)
                 )))
-            },
-        );
-        match read {
-            Ok(task_request) => {
-                batched.push(request);
-                prepared.push(task_request);
-            }
-            Err(error) => failed.push((request, error)),
-        }
-    }
-
-    let batch_size: u64 = if model.max_batch_size > 0 {
-        prepared.iter().map(|p| p.rows() as u64).sum()
-    } else {
-        prepared.len() as u64
-    };
-    let compute_start_ns = now_ns();
-    let outcome = if prepared.is_empty() {
-        Ok(Vec::new())
-    } else {
-        catch_unwind(AssertUnwindSafe(|| {
-            let mut progress = BatchProgress::new(&batched);
-            let outputs = model.task.run(
-                &mut state.session,
-                &mut state.binding,
-                prepared,
-                &mut progress,
-            )?;
-            Ok(outputs
-                .into_iter()
-                .zip(progress.stream_errors)
-                .map(|(outputs, error)| error.map_or(Ok(outputs), Err))
-                .collect::<Vec<_>>())
-        }))
-        .unwrap_or_else(|panic| {
-            Err(BackendError::Onnx(format!(
-                "panic while running the model: {}",
-                panic_message(&*panic)
-            )))
-        })
-    };
-    let compute_end_ns = now_ns();
-
-    let mut finished: Vec<(Request, Result<Vec<OutputTensor>, Error>)> = Vec::new();
-    match outcome {
-        Ok(outputs) => {
-            for (request, outputs) in batched.into_iter().zip(outputs) {
-                finished.push((request, outputs));
+            });
+            match outcome {
+                Ok(task_request) => prepared.push((task_request, request)),
+                Err(error) => failed.push((request, error)),
             }
         }
-        Err(error) => {
-            let error = Error::from(error);
-            log_error!("triton-rust: '{}' execution failed: {error}", model.name);
-            for request in batched {
-                finished.push((request, Err(error.clone())));
+        let batch_size: u64 = if self.max_batch_size > 0 {
+            prepared.iter().map(|(r, _)| T::rows(r) as u64).sum()
+        } else {
+            prepared.len() as u64
+        };
+        let compute_start_ns = now_ns();
+        // SAFETY: every responder is done before the instance is finalized: a task
+        // answers within `execute` or keeps the responder (and its in-flight guard)
+        // until it answers, and ModelInstanceFinalize waits for the guards (wait_idle).
+        let statistics = unsafe { instance.extend() };
+        let answer = |request: Request| {
+            TritonResponder::new(
+                request,
+                statistics,
+                exec_start_ns,
+                compute_start_ns,
+                self.in_flight.enter(),
+            )
+        };
+        for (request, error) in failed {
+            if let Some(mut responder) = answer(request) {
+                responder.fail(&error);
             }
         }
-    }
-    finished.extend(
-        failed
+        let batch: Vec<Pending<T::Request>> = prepared
             .into_iter()
-            .map(|(request, error)| (request, Err(error))),
-    );
+            .filter_map(|(task_request, request)| {
+                Some(Pending {
+                    request: task_request,
+                    responder: Box::new(answer(request)?),
+                })
+            })
+            .collect();
+        if !batch.is_empty() {
+            let task = &self.task;
+            let state = &mut self.state;
+            // A panic drops the batch's responders, which answer with an internal error.
+            let ran = catch_unwind(AssertUnwindSafe(|| task.execute(state, batch)));
+            if let Err(panic) = ran {
+                log_error!(
+                    "triton-rust: panic while running the model: {}",
+                    panic_message(&*panic)
+                );
+            }
+        }
+        let times = ExecutionTimes {
+            exec_start_ns,
+            compute_start_ns,
+            compute_end_ns: now_ns(),
+            exec_end_ns: now_ns(),
+        };
+        if batch_size > 0
+            && let Err(error) = instance.report_batch_statistics(batch_size, &times)
+        {
+            log_error!("triton-rust: cannot report batch statistics: {error}");
+        }
+    }
 
-    let answered: Vec<(Request, bool)> = finished
-        .into_iter()
-        .map(|(request, result)| answer(request, result))
-        .collect();
-    let times = ExecutionTimes {
-        exec_start_ns,
-        compute_start_ns,
-        compute_end_ns,
-        exec_end_ns: now_ns(),
-    };
-    for (request, success) in answered {
-        if let Err(error) = instance.report_request_statistics(&request, success, &times) {
+    fn wait_idle(&self) {
+        self.in_flight.wait_idle();
+    }
+}
+
+/// Answers one request through its response factory, reports its statistics when its
+/// final response is sent, then releases it.
+struct TritonResponder {
+    /// Released once the final response is sent.
+    request: Option<Request>,
+    factory: ResponseFactory,
+    instance: InstanceHandle<'static>,
+    exec_start_ns: u64,
+    compute_start_ns: u64,
+    _in_flight: InFlightGuard,
+}
+
+/// Triton's output buffers, as a task writes them.
+struct ResponseOutputs<'r>(&'r mut Response);
+
+impl OutputWriter for ResponseOutputs<'_> {
+    fn buffer(
+        &mut self,
+        name: &str,
+        datatype: DataType,
+        shape: &[i64],
+        byte_size: usize,
+    ) -> Result<&mut [u8], BackendError> {
+        Ok(self.0.output(name, datatype, shape, byte_size)?)
+    }
+}
+
+impl TritonResponder {
+    /// `None` when the request cannot get a response factory; it is then answered
+    /// with that error and released.
+    fn new(
+        request: Request,
+        instance: InstanceHandle<'static>,
+        exec_start_ns: u64,
+        compute_start_ns: u64,
+        in_flight: InFlightGuard,
+    ) -> Option<Self> {
+        match ResponseFactory::new(&request) {
+            Ok(factory) => Some(TritonResponder {
+                request: Some(request),
+                factory,
+                instance,
+                exec_start_ns,
+                compute_start_ns,
+                _in_flight: in_flight,
+            }),
+            Err(error) => {
+                log_error!("triton-rust: cannot create a response factory: {error}");
+                let answered = Response::new(&request).and_then(|r| r.send_final(Some(error)));
+                match answered {
+                    Ok(()) => request.mark_answered(),
+                    Err(error) => log_error!("triton-rust: cannot answer a request: {error}"),
+                }
+                None
+            }
+        }
+    }
+
+    /// Sends the final response (with `error` if the request failed), reports the
+    /// request's statistics and releases it.
+    fn finish(&mut self, response: Result<Response, Error>, error: Option<Error>) {
+        let Some(request) = self.request.take() else {
+            return;
+        };
+        let compute_end_ns = now_ns();
+        let success = error.is_none();
+        let sent = response.and_then(|response| response.send_final(error));
+        match &sent {
+            Ok(()) => request.mark_answered(),
+            Err(send_error) => log_error!(
+                "triton-rust: cannot send the response to '{}': {send_error}",
+                request.id()
+            ),
+        }
+        let times = ExecutionTimes {
+            exec_start_ns: self.exec_start_ns,
+            compute_start_ns: self.compute_start_ns,
+            compute_end_ns,
+            exec_end_ns: now_ns(),
+        };
+        if let Err(error) =
+            self.instance
+                .report_request_statistics(&request, success && sent.is_ok(), &times)
+        {
             log_error!("triton-rust: cannot report request statistics: {error}");
         }
-        // Dropping the request releases it back to Triton.
-    }
-    if batch_size > 0
-        && let Err(error) = instance.report_batch_statistics(batch_size, &times)
-    {
-        log_error!("triton-rust: cannot report batch statistics: {error}");
+        // Dropping the request releases it.
     }
 }
 
-/// Lets a running batch see cancellations and stream responses to its requests.
-struct BatchProgress<'b> {
-    requests: &'b [Request],
-    /// Per request: why its stream broke off; its final response reports it.
-    stream_errors: Vec<Option<Error>>,
-}
+impl Responder for TritonResponder {
+    fn is_cancelled(&self) -> bool {
+        self.factory.is_cancelled()
+    }
 
-impl<'b> BatchProgress<'b> {
-    fn new(requests: &'b [Request]) -> Self {
-        BatchProgress {
-            requests,
-            stream_errors: vec![None; requests.len()],
+    fn respond(&mut self, last: bool, write: WriteOutputs<'_>) -> Result<(), BackendError> {
+        if self.request.is_none() {
+            return Err(BackendError::internal(
+                "the request already has its final response",
+            ));
         }
-    }
-
-    fn stream(request: &Request, outputs: &[OutputTensor]) -> Result<(), Error> {
-        let mut response = Response::new_partial(request)?;
-        for output in outputs {
-            response.add_output(output.name, output.datatype, &output.shape, &output.data)?;
+        let mut response = Response::from_factory(&self.factory)?;
+        let written = write(&mut ResponseOutputs(&mut response));
+        if !last {
+            written?;
+            return response.send_partial().map_err(|error| {
+                log_error!("triton-rust: cannot stream a response: {error}");
+                BackendError::from(error)
+            });
         }
-        response.send_partial()
-    }
-}
-
-impl GenerationProgress for BatchProgress<'_> {
-    fn is_cancelled(&self, index: usize) -> bool {
-        self.requests.get(index).is_some_and(Request::is_cancelled)
-    }
-
-    fn send_partial(&mut self, index: usize, outputs: Vec<OutputTensor>) -> bool {
-        let Some(request) = self.requests.get(index) else {
-            return false;
+        let error = if self.is_cancelled() {
+            Some(Error::new(
+                ErrorCode::Cancelled,
+                "the request was cancelled",
+            ))
+        } else {
+            written.err().map(Error::from)
         };
-        match Self::stream(request, &outputs) {
-            Ok(()) => true,
-            Err(error) => {
-                log_error!(
-                    "triton-rust: cannot stream to '{}', stopping it: {error}",
-                    request.id()
-                );
-                if let Some(slot) = self.stream_errors.get_mut(index) {
-                    *slot = Some(error);
-                }
-                false
-            }
+        self.finish(Ok(response), error);
+        Ok(())
+    }
+
+    fn fail(&mut self, error: &BackendError) {
+        if self.request.is_none() {
+            return;
         }
+        if !matches!(error, BackendError::InvalidInput(_)) {
+            log_error!("triton-rust: request failed: {error}");
+        }
+        let error = Error::from(match error {
+            BackendError::InvalidInput(message) => BackendError::InvalidInput(message.clone()),
+            other => BackendError::Internal(other.to_string()),
+        });
+        let response = Response::from_factory(&self.factory);
+        self.finish(response, Some(error));
     }
 }
 
-/// Sends one request's outputs or error; returns the request and whether it succeeded.
-fn answer(request: Request, result: Result<Vec<OutputTensor>, Error>) -> (Request, bool) {
-    let result = if request.is_cancelled() {
-        Err(Error::new(
-            ErrorCode::Cancelled,
-            "the request was cancelled",
-        ))
-    } else {
-        result
-    };
-    let mut response = match Response::new(&request) {
-        Ok(response) => response,
-        Err(error) => {
-            log_error!(
-                "triton-rust: cannot create a response for '{}': {error}",
-                request.id()
-            );
-            return (request, false);
-        }
-    };
-    let written = result.and_then(|outputs| {
-        outputs.iter().try_for_each(|output| {
-            response.add_output(output.name, output.datatype, &output.shape, &output.data)
-        })
-    });
-    let success = written.is_ok();
-    match response.send(written.err()) {
-        Ok(()) => (request, success),
-        Err(error) => {
-            log_error!("triton-rust: cannot send a response: {error}");
-            (request, false)
+impl Drop for TritonResponder {
+    fn drop(&mut self) {
+        if self.request.is_some() {
+            let message = if std::thread::panicking() {
+                "a panic interrupted this request; see the server log"
+            } else {
+                "the backend dropped this request without an answer"
+            };
+            let response = Response::from_factory(&self.factory);
+            self.finish(response, Some(Error::internal(message)));
         }
     }
 }
@@ -395,13 +586,9 @@ fn answer(request: Request, result: Result<Vec<OutputTensor>, Error>) -> (Reques
 /// Answers every request with `error` (when the instance itself is unusable).
 pub fn fail_all(requests: Vec<Request>, error: &Error) {
     for request in requests {
-        match Response::new(&request) {
-            Ok(response) => {
-                if let Err(send_error) = response.send(Some(error.clone())) {
-                    log_error!("triton-rust: cannot send a response: {send_error}");
-                }
-            }
-            Err(new_error) => log_error!("triton-rust: cannot create a response: {new_error}"),
+        match Response::new(&request).and_then(|r| r.send_final(Some(error.clone()))) {
+            Ok(()) => request.mark_answered(),
+            Err(send_error) => log_error!("triton-rust: cannot send a response: {send_error}"),
         }
     }
 }

@@ -6,6 +6,9 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::error::BackendError;
 
+/// The tokenizer file of a model version.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
 /// Used when neither the configuration nor `tokenizer.json` bounds the length.
 pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
@@ -22,7 +25,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, BackendError> {
         )));
     }
     Tokenizer::from_file(path)
-        .map_err(|e| BackendError::Tokenizer(format!("cannot load {}: {e}", path.display())))
+        .map_err(|e| BackendError::tokenizer(format!("cannot load {}", path.display()), e))
 }
 
 /// One tokenized sequence: ids, attention mask and token type ids of equal length.
@@ -44,7 +47,7 @@ pub struct PaddedBatch {
 }
 
 /// Pads rows to the longest one with `pad_id` (mask 0, type 0).
-pub fn pad_batch(rows: &[TokenRow], pad_id: i64) -> PaddedBatch {
+pub fn pad_batch(rows: &[&TokenRow], pad_id: i64) -> PaddedBatch {
     let sequence = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
     let mut batch = PaddedBatch {
         batch: rows.len(),
@@ -103,7 +106,7 @@ impl TextEncoder {
                 stride: 0,
                 direction: TruncationDirection::Right,
             }))
-            .map_err(|e| BackendError::Tokenizer(format!("cannot set truncation: {e}")))?;
+            .map_err(|e| BackendError::tokenizer("cannot set truncation", e))?;
         let vocab_size = tokenizer.get_vocab_size(true);
         Ok(TextEncoder {
             tokenizer,
@@ -158,7 +161,7 @@ impl TextEncoder {
         let encoding = self
             .tokenizer
             .encode(text, true)
-            .map_err(|e| BackendError::Tokenizer(e.to_string()))?;
+            .map_err(|e| BackendError::tokenizer("cannot encode a text", e))?;
         Ok(TokenRow {
             ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
             attention_mask: encoding
@@ -240,7 +243,7 @@ mod tests {
 
     #[test]
     fn pads_rows_to_the_longest() {
-        let rows = vec![
+        let rows = [
             TokenRow {
                 ids: vec![5, 6, 7],
                 attention_mask: vec![1, 1, 1],
@@ -252,7 +255,7 @@ mod tests {
                 type_ids: vec![0],
             },
         ];
-        let batch = pad_batch(&rows, 1);
+        let batch = pad_batch(&[&rows[0], &rows[1]], 1);
         assert_eq!((batch.batch, batch.sequence), (2, 3));
         assert_eq!(batch.ids, vec![5, 6, 7, 8, 1, 1]);
         assert_eq!(batch.attention_mask, vec![1, 1, 1, 1, 0, 0]);

@@ -18,14 +18,13 @@
 //!
 //! Free of FFI.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde_json::Value;
-
-use crate::config::json_int;
+use crate::config::{WarmupInput, WarmupSample};
 use crate::error::BackendError;
-use crate::triton::{DataType, InputTensor};
+use crate::types::{DataType, InputTensor};
 
 /// Where Triton keeps warm-up data files: `<model>/warmup/`.
 pub const WARMUP_DIR: &str = "warmup";
@@ -37,60 +36,29 @@ const MAX_SYNTHETIC_BYTES: usize = 64 << 20;
 #[derive(Debug)]
 pub struct WarmupRequest {
     pub sample: String,
-    pub inputs: HashMap<String, InputTensor>,
+    pub inputs: HashMap<String, InputTensor<'static>>,
 }
 
 fn warmup_error(sample: &str, message: impl std::fmt::Display) -> BackendError {
     BackendError::Config(format!("model_warmup sample '{sample}': {message}"))
 }
 
-/// The datatype and element size of a configuration type name.
-fn data_type(name: &str) -> Option<(DataType, usize)> {
-    Some(match name {
-        "TYPE_BOOL" => (DataType::Bool, 1),
-        "TYPE_UINT8" => (DataType::Uint8, 1),
-        "TYPE_UINT16" => (DataType::Uint16, 2),
-        "TYPE_UINT32" => (DataType::Uint32, 4),
-        "TYPE_UINT64" => (DataType::Uint64, 8),
-        "TYPE_INT8" => (DataType::Int8, 1),
-        "TYPE_INT16" => (DataType::Int16, 2),
-        "TYPE_INT32" => (DataType::Int32, 4),
-        "TYPE_INT64" => (DataType::Int64, 8),
-        "TYPE_FP16" => (DataType::Fp16, 2),
-        "TYPE_FP32" => (DataType::Fp32, 4),
-        "TYPE_FP64" => (DataType::Fp64, 8),
-        "TYPE_BF16" => (DataType::Bf16, 2),
-        // BYTES elements have no fixed size; Triton counts 4 bytes (a length) each.
-        "TYPE_STRING" => (DataType::Bytes, 4),
-        _ => return None,
-    })
-}
-
 /// One input of a sample, or `None` when Triton will reject the sample itself.
 fn warmup_input(
     sample: &str,
     name: &str,
-    spec: &Value,
+    spec: &WarmupInput,
     max_batch_size: i64,
     model_dir: &Path,
-) -> Result<Option<InputTensor>, BackendError> {
-    let Some((datatype, element_size)) = spec
-        .get("data_type")
-        .and_then(Value::as_str)
-        .and_then(data_type)
-    else {
+) -> Result<Option<InputTensor<'static>>, BackendError> {
+    let Some(datatype) = spec.datatype() else {
         return Ok(None);
     };
-    let Some(dims) = spec
-        .get("dims")
-        .and_then(Value::as_array)
-        .map(|dims| dims.iter().map(json_int).collect::<Option<Vec<i64>>>())
-        .unwrap_or(Some(Vec::new()))
-    else {
-        return Ok(None);
-    };
+    // BYTES elements have no fixed size; Triton counts 4 bytes (a length) each.
+    let element_size = datatype.element_size().unwrap_or(4);
     // Variable dimensions are Triton's to refuse; absurd sizes are not worth copying here.
-    let Some(byte_size) = dims
+    let Some(byte_size) = spec
+        .dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
         .and_then(|count| count.checked_mul(element_size))
@@ -98,7 +66,7 @@ fn warmup_input(
     else {
         return Ok(None);
     };
-    let data = if let Some(file) = spec.get("input_data_file").and_then(Value::as_str) {
+    let data = if let Some(file) = &spec.input_data_file {
         let path = model_dir.join(WARMUP_DIR).join(file);
         let mut bytes = std::fs::read(&path).map_err(|e| {
             warmup_error(
@@ -113,9 +81,7 @@ fn warmup_input(
             bytes.truncate(byte_size);
         }
         bytes
-    } else if spec.get("random_data").and_then(Value::as_bool) == Some(true)
-        && datatype != DataType::Bytes
-    {
+    } else if spec.random_data && datatype != DataType::Bytes {
         return Err(warmup_error(
             sample,
             format_args!(
@@ -132,45 +98,34 @@ fn warmup_input(
     } else {
         Vec::new()
     };
-    shape.extend(dims);
+    shape.extend(&spec.dims);
     Ok(Some(InputTensor {
         datatype,
         shape,
-        data,
+        data: Cow::Owned(data),
     }))
 }
 
-/// The warm-up requests of a model configuration (as JSON), one per sample with a
+/// The warm-up requests of a model configuration's samples, one per sample with a
 /// non-zero `batch_size` (Triton sends that many identical requests).
 pub fn warmup_requests(
-    config_json: &str,
+    samples: &[WarmupSample],
     max_batch_size: i64,
     model_dir: &Path,
 ) -> Result<Vec<WarmupRequest>, BackendError> {
-    let config: Value = serde_json::from_str(config_json)
-        .map_err(|e| BackendError::Config(format!("the model configuration is not JSON: {e}")))?;
-    let Some(samples) = config.get("model_warmup").and_then(Value::as_array) else {
-        return Ok(Vec::new());
-    };
     let mut requests = Vec::new();
-    'samples: for sample in samples {
-        let name = sample.get("name").and_then(Value::as_str).unwrap_or("");
-        if sample.get("batch_size").and_then(json_int).unwrap_or(0) == 0 {
-            continue;
-        }
+    'samples: for sample in samples.iter().filter(|s| s.batch_size != 0) {
         let mut inputs = HashMap::new();
-        if let Some(specs) = sample.get("inputs").and_then(Value::as_object) {
-            for (input, spec) in specs {
-                match warmup_input(name, input, spec, max_batch_size, model_dir)? {
-                    Some(tensor) => {
-                        inputs.insert(input.clone(), tensor);
-                    }
-                    None => continue 'samples,
+        for (input, spec) in &sample.inputs {
+            match warmup_input(&sample.name, input, spec, max_batch_size, model_dir)? {
+                Some(tensor) => {
+                    inputs.insert(input.clone(), tensor);
                 }
+                None => continue 'samples,
             }
         }
         requests.push(WarmupRequest {
-            sample: name.to_owned(),
+            sample: sample.name.clone(),
             inputs,
         });
     }
@@ -181,6 +136,7 @@ pub fn warmup_requests(
 mod tests {
     use super::*;
     use crate::bytes_tensor::encode_elements;
+    use crate::config::ModelConfig;
 
     fn model_dir(test: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
         let dir =
@@ -192,8 +148,10 @@ mod tests {
         dir
     }
 
-    fn config(samples: &str) -> String {
-        format!(r#"{{"name": "m", "model_warmup": {samples}}}"#)
+    fn config(samples: &str) -> Vec<WarmupSample> {
+        ModelConfig::from_json(&format!(r#"{{"name": "m", "model_warmup": {samples}}}"#))
+            .expect("valid config")
+            .model_warmup
     }
 
     #[test]
@@ -264,11 +222,7 @@ mod tests {
                     {"data_type": "TYPE_INT64", "dims": [1, 2], "input_data_file": "short.bin"}}}]"#,
         );
         assert!(warmup_requests(&json, 0, &dir).expect("ok").is_empty());
-        assert!(
-            warmup_requests(r#"{"name": "m"}"#, 0, &dir)
-                .expect("ok")
-                .is_empty()
-        );
+        assert!(warmup_requests(&[], 0, &dir).expect("ok").is_empty());
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
-use triton_rust::generation::{GenerationParams, Generator};
+use triton_rust::generation::Generator;
+use triton_rust::generation::params::GenerationParams;
 use triton_rust::tokenize::load_tokenizer;
 
 /// GPT-2's `n_positions`: the task's context length for the real model.

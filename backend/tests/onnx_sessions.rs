@@ -13,12 +13,15 @@ use ort::environment::Environment;
 use ort::value::Tensor;
 use std::collections::HashSet;
 
-use triton_rust::generation::{GenerationParams, Rng, SamplerRow};
-use triton_rust::onnx::{
-    self, Device, LibrarySource, OnnxRuntimeLibrary, PICKER_LOGITS, PICKER_TOKEN_IDS,
-    SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY, SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P,
-    SAMPLER_UNIFORM, SessionOptions,
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use triton_rust::generation::decoder::{SamplerRow, uniform};
+use triton_rust::generation::params::GenerationParams;
+use triton_rust::generation::sampler_graphs::{
+    self, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY,
+    SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
 };
+use triton_rust::onnx::{self, Device, LibrarySource, OnnxRuntimeLibrary, SessionOptions};
 use triton_rust::postprocess::{argmax, softmax};
 
 fn workspace() -> PathBuf {
@@ -74,13 +77,14 @@ fn cuda_sessions_fail_clearly_without_cuda_and_cpu_sessions_load() {
 #[test]
 fn greedy_token_picker_takes_the_last_positions_arg_max() {
     let environment = environment();
-    let error = onnx::greedy_token_picker(&environment, options(Device::Cuda { device_id: 0 }))
-        .expect_err("no CUDA here: the picker must not fall back to CPU")
-        .to_string();
+    let error =
+        sampler_graphs::greedy_token_picker(&environment, options(Device::Cuda { device_id: 0 }))
+            .expect_err("no CUDA here: the picker must not fall back to CPU")
+            .to_string();
     assert!(error.contains("could not be enabled on GPU 0"), "{error}");
 
-    let mut picker =
-        onnx::greedy_token_picker(&environment, options(Device::Cpu)).expect("CPU picker builds");
+    let mut picker = sampler_graphs::greedy_token_picker(&environment, options(Device::Cpu))
+        .expect("CPU picker builds");
     // [batch 2, sequence 2, vocab 3]: only the last position counts; ties go to the first.
     let logits = vec![
         9.0f32, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 9.0, 2.0, 2.0, 1.0,
@@ -152,12 +156,12 @@ fn reference_token(
 #[test]
 fn token_sampler_chooses_what_the_reference_chooses() {
     let environment = environment();
-    let error = onnx::token_sampler(&environment, options(Device::Cuda { device_id: 0 }))
+    let error = sampler_graphs::token_sampler(&environment, options(Device::Cuda { device_id: 0 }))
         .expect_err("no CUDA here: the sampler must not fall back to CPU")
         .to_string();
     assert!(error.contains("could not be enabled on GPU 0"), "{error}");
-    let mut sampler =
-        onnx::token_sampler(&environment, options(Device::Cpu)).expect("CPU sampler builds");
+    let mut sampler = sampler_graphs::token_sampler(&environment, options(Device::Cpu))
+        .expect("CPU sampler builds");
 
     const VOCAB: usize = 50;
     const ROWS: usize = 200;
@@ -186,10 +190,10 @@ fn token_sampler_chooses_what_the_reference_chooses() {
             ..Default::default()
         };
         let row = SamplerRow::new(&params, false);
-        let mut noise = Rng::new(case as u64 + 1000);
+        let mut noise = ChaCha8Rng::seed_from_u64(case as u64 + 1000);
         // Two positions per row: the sampler must use the last one.
         let logits: Vec<f32> = (0..ROWS * 2 * VOCAB)
-            .map(|_| (noise.next_unit() - 0.5) * 8.0)
+            .map(|_| (uniform(&mut noise) - 0.5) * 8.0)
             .collect();
         // Seen tokens, with repeats (counted once).
         let history: Vec<i64> = (0..ROWS * HISTORY)
@@ -198,7 +202,7 @@ fn token_sampler_chooses_what_the_reference_chooses() {
         let uniforms: Vec<f32> = (0..ROWS)
             .map(|r| {
                 if row.draws {
-                    Rng::new(r as u64).next_unit()
+                    uniform(&mut ChaCha8Rng::seed_from_u64(r as u64))
                 } else {
                     0.0
                 }

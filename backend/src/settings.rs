@@ -1,0 +1,243 @@
+//! Typed settings from a model's `parameters`, parsed once at load.
+//!
+//! Each task declares its settings as groups of `serde` structs ([`Settings`]); the
+//! groups' field names are the task's one list of known parameters, so a parameter no
+//! group of the task knows (a typo in `config.pbtxt`) fails the load and names itself.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::BackendError;
+
+/// The parameter that selects the task; every model has it.
+pub const TASK: &str = "task";
+
+/// Settings a task reads from the model's `parameters`.
+pub trait Settings: Sized {
+    /// The parameters these settings read.
+    fn names() -> Vec<&'static str>;
+    /// Parses them; absent parameters take their defaults.
+    fn parse(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError>;
+}
+
+/// One group of settings with `serde` derives: its field names are its parameters.
+pub trait SettingsGroup: DeserializeOwned {}
+
+impl<G: SettingsGroup> Settings for G {
+    fn names() -> Vec<&'static str> {
+        serde_aux::serde_introspection::serde_introspect::<G>().to_vec()
+    }
+
+    fn parse(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError> {
+        let values: serde_json::Map<String, serde_json::Value> = parameters
+            .iter()
+            .map(|(key, value)| (key.clone(), serde_json::Value::String(value.clone())))
+            .collect();
+        serde_path_to_error::deserialize(serde_json::Value::Object(values)).map_err(|error| {
+            BackendError::Config(format!("parameter '{}' {}", error.path(), error.inner()))
+        })
+    }
+}
+
+macro_rules! settings_tuple {
+    ($($group:ident),+) => {
+        impl<$($group: Settings),+> Settings for ($($group,)+) {
+            fn names() -> Vec<&'static str> {
+                [$($group::names()),+].concat()
+            }
+
+            fn parse(parameters: &BTreeMap<String, String>) -> Result<Self, BackendError> {
+                Ok(($($group::parse(parameters)?,)+))
+            }
+        }
+    };
+}
+
+settings_tuple!(A, B);
+settings_tuple!(A, B, C);
+settings_tuple!(A, B, C, D);
+
+/// A task's name and the parameters it knows, for refusing unknown ones.
+pub struct KnownParameters {
+    pub task: &'static str,
+    pub names: Vec<&'static str>,
+}
+
+/// Fails on the first parameter `known` (the model's task) does not read: named as
+/// belonging to another task when one reads it, else as unknown.
+pub fn refuse_unknown(
+    parameters: &BTreeMap<String, String>,
+    known: &KnownParameters,
+    others: &[KnownParameters],
+) -> Result<(), BackendError> {
+    let Some(unknown) = parameters
+        .keys()
+        .find(|key| key.as_str() != TASK && !known.names.contains(&key.as_str()))
+    else {
+        return Ok(());
+    };
+    if let Some(owner) = others.iter().find(|o| o.names.contains(&unknown.as_str())) {
+        return Err(BackendError::Config(format!(
+            "parameter '{unknown}' only applies to task '{}'",
+            owner.task
+        )));
+    }
+    Err(BackendError::Config(format!(
+        "unknown parameter '{unknown}'; known parameters for task '{}': {TASK}, {}",
+        known.task,
+        known.names.join(", ")
+    )))
+}
+
+/// Reads a positive integer parameter (written as a string in `config.pbtxt`).
+pub fn positive_int<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.trim().parse::<usize>() {
+        Ok(value) if value > 0 => Ok(value),
+        _ => Err(serde::de::Error::custom(format!(
+            "must be a positive integer, got '{text}'"
+        ))),
+    }
+}
+
+/// [`positive_int`] for a parameter without a default.
+pub fn optional_positive_int<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<usize>, D::Error> {
+    positive_int(deserializer).map(Some)
+}
+
+/// Reads `true` or `false`.
+pub fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(serde::de::Error::custom(format!(
+            "must be true or false, got '{text}'"
+        ))),
+    }
+}
+
+/// Reads a non-empty string.
+pub fn non_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Err(serde::de::Error::custom("is empty"));
+    }
+    Ok(Some(text))
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Threads of the ONNX Runtime session of each instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct SessionSettings {
+    #[serde(default = "one", deserialize_with = "positive_int")]
+    pub intra_op_thread_count: usize,
+    #[serde(default = "one", deserialize_with = "positive_int")]
+    pub inter_op_thread_count: usize,
+}
+
+impl SettingsGroup for SessionSettings {}
+
+/// The default of `max_text_bytes`: far above any text a model's context can hold,
+/// low enough that tokenizing an abusive request cannot stall an instance for long.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
+
+fn default_max_text_bytes() -> usize {
+    DEFAULT_MAX_TEXT_BYTES
+}
+
+/// How texts are read and tokenized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct TextSettings {
+    /// Tokens per text, special tokens included; longer texts are truncated.
+    #[serde(default, deserialize_with = "optional_positive_int")]
+    pub max_sequence_length: Option<usize>,
+    /// UTF-8 bytes per text at most; longer texts are refused before tokenization.
+    #[serde(default = "default_max_text_bytes", deserialize_with = "positive_int")]
+    pub max_text_bytes: usize,
+}
+
+impl SettingsGroup for TextSettings {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn parameters(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn groups_parse_with_defaults_and_name_bad_values() {
+        let (session, text) = <(SessionSettings, TextSettings)>::parse(&parameters(&[(
+            "intra_op_thread_count",
+            "2",
+        )]))
+        .expect("valid");
+        assert_eq!(
+            (session.intra_op_thread_count, session.inter_op_thread_count),
+            (2, 1)
+        );
+        assert_eq!(text.max_sequence_length, None);
+        assert_eq!(text.max_text_bytes, DEFAULT_MAX_TEXT_BYTES);
+        for (key, value) in [
+            ("max_sequence_length", "0"),
+            ("intra_op_thread_count", "x"),
+            ("max_text_bytes", "-3"),
+        ] {
+            let error = <(SessionSettings, TextSettings)>::parse(&parameters(&[(key, value)]))
+                .expect_err(key)
+                .to_string();
+            assert!(
+                error.contains(&format!(
+                    "'{key}' must be a positive integer, got '{value}'"
+                )),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_come_from_the_fields() {
+        assert_eq!(
+            <(SessionSettings, TextSettings)>::names(),
+            [
+                "intra_op_thread_count",
+                "inter_op_thread_count",
+                "max_sequence_length",
+                "max_text_bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_parameters_are_named_with_their_owner() {
+        let known = KnownParameters {
+            task: "a",
+            names: vec!["x"],
+        };
+        let others = [KnownParameters {
+            task: "b",
+            names: vec!["y"],
+        }];
+        assert!(refuse_unknown(&parameters(&[("task", "a"), ("x", "1")]), &known, &others).is_ok());
+        let error = refuse_unknown(&parameters(&[("y", "1")]), &known, &others)
+            .expect_err("y is b's")
+            .to_string();
+        assert!(error.contains("'y' only applies to task 'b'"), "{error}");
+        let error = refuse_unknown(&parameters(&[("z", "1")]), &known, &others)
+            .expect_err("z is nobody's")
+            .to_string();
+        assert!(error.contains("unknown parameter 'z'"), "{error}");
+    }
+}

@@ -1,0 +1,118 @@
+//! The server a model runs in: facts about the other models in it, and the entry point
+//! for requests a backend sends into it (see [`super::inference`]).
+
+use std::ffi::CString;
+use std::ptr::{self, NonNull};
+
+use triton_sys as sys;
+
+use super::inference::InferenceRequestBuilder;
+use super::{Error, Result, check, owned_message_json, read_bool};
+
+/// The `TRITONSERVER_Server` this backend runs in: live as long as any model is.
+#[derive(Clone, Copy)]
+pub struct Server(NonNull<sys::TRITONSERVER_Server>);
+
+// SAFETY: Triton's server API is thread-safe; the handle is a plain pointer to the
+// server, which outlives every model and so every state that holds it.
+unsafe impl Send for Server {}
+// SAFETY: as above.
+unsafe impl Sync for Server {}
+
+impl Server {
+    /// # Safety
+    /// `raw` must be null or the live server, which must outlive this handle's use.
+    pub(crate) unsafe fn from_raw(raw: *mut sys::TRITONSERVER_Server) -> Result<Self> {
+        NonNull::new(raw)
+            .map(Server)
+            .ok_or_else(|| Error::internal("Triton returned a null server"))
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::TRITONSERVER_Server {
+        self.0.as_ptr()
+    }
+
+    /// The configuration of model `name` (version `-1`: the one the version policy
+    /// picks) as JSON, e.g. to check a target's inputs before routing to it.
+    pub fn model_config_json(&self, name: &str, version: i64) -> Result<String> {
+        let c_name = model_name(name)?;
+        let mut message = ptr::null_mut();
+        // SAFETY: the server is live; `c_name` is NUL-terminated and outlives the call;
+        // `message` is a valid out-pointer and the message it receives becomes ours.
+        check(unsafe {
+            sys::TRITONSERVER_ServerModelConfig(
+                self.as_ptr(),
+                c_name.as_ptr(),
+                version,
+                1,
+                &mut message,
+            )
+        })?;
+        if message.is_null() {
+            return Err(Error::internal(format!(
+                "Triton returned no configuration for model '{name}'"
+            )));
+        }
+        // SAFETY: the message is live, owned by us and not used after this call.
+        unsafe { owned_message_json(message) }
+    }
+
+    /// Whether model `name` (version `-1`: the policy's pick) is loaded and ready; an
+    /// unknown model is an error (NOT_FOUND), not `false`.
+    pub fn model_is_ready(&self, name: &str, version: i64) -> Result<bool> {
+        let c_name = model_name(name)?;
+        // SAFETY: the server is live; `c_name` outlives the call; the out-pointer is
+        // valid for the call.
+        read_bool(|ready| unsafe {
+            sys::TRITONSERVER_ServerModelIsReady(self.as_ptr(), c_name.as_ptr(), version, ready)
+        })
+    }
+
+    /// Whether model `name` is decoupled (may answer a request with any number of
+    /// responses, the final flag possibly arriving without one).
+    pub fn model_is_decoupled(&self, name: &str, version: i64) -> Result<bool> {
+        let c_name = model_name(name)?;
+        let mut flags = 0u32;
+        let mut voidp = ptr::null_mut();
+        // SAFETY: the server is live; `c_name` outlives the call; both out-pointers are
+        // valid (`voidp` is always null today and owned by Triton if not).
+        check(unsafe {
+            sys::TRITONSERVER_ServerModelTransactionProperties(
+                self.as_ptr(),
+                c_name.as_ptr(),
+                version,
+                &mut flags,
+                &mut voidp,
+            )
+        })?;
+        Ok(flags & sys::TRITONSERVER_TXN_DECOUPLED != 0)
+    }
+
+    /// Starts a request to model `model` (version `-1`: the policy's pick); fill it
+    /// with the builder and send it with [`InferenceRequestBuilder::send`].
+    pub fn request(&self, model: &str, version: i64) -> Result<InferenceRequestBuilder> {
+        InferenceRequestBuilder::new(*self, model, version)
+    }
+}
+
+/// A model name as a C string; an interior NUL can name no model, so it is refused.
+fn model_name(name: &str) -> Result<CString> {
+    CString::new(name)
+        .map_err(|_| Error::invalid_arg(format!("model name {name:?} contains a NUL byte")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::triton::ErrorCode;
+
+    #[test]
+    fn model_names_with_a_nul_are_refused_before_reaching_triton() {
+        assert_eq!(
+            model_name("gpt2").map(|c| c.into_bytes()),
+            Ok(b"gpt2".to_vec())
+        );
+        let error = model_name("gp\0t2").err().map(|e| e.code);
+        assert_eq!(error, Some(ErrorCode::InvalidArg));
+    }
+}
