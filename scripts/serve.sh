@@ -51,6 +51,9 @@ samples = [
     ("gpt2-small", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
                                 "data": ["The weather today is"]}],
                     "parameters": {"max_new_tokens": 20, "do_sample": False}}),
+    # The A/B router: its response parameters name the version that served it.
+    ("sentiment-classifier-ab", {"inputs": [{"name": "text_input", "shape": [1],
+                                             "datatype": "BYTES", "data": ["This is a great day!"]}]}),
 ]
 for model, body in samples:
     print(f"\n$ curl -X POST {url}/v2/models/{model}/infer -d '{json.dumps(body)}'")

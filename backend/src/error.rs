@@ -1,5 +1,18 @@
 //! Errors of the model logic (no FFI), mapped to Triton error codes at the boundary.
 
+/// Triton's error codes (the safe layer maps them to and from C by value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Unknown,
+    Internal,
+    NotFound,
+    InvalidArg,
+    Unavailable,
+    Unsupported,
+    AlreadyExists,
+    Cancelled,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The request is malformed: answered to that request only.
@@ -34,6 +47,12 @@ pub enum BackendError {
     /// The model or the server cannot do what was asked.
     #[error("{0}")]
     Unsupported(String),
+    /// Something this request needs is not available now (e.g. another model).
+    #[error("{0}")]
+    Unavailable(String),
+    /// An error another model of the server answered, passed on with its code.
+    #[error("{message}")]
+    Relayed { code: ErrorCode, message: String },
     /// A bug in this backend, or a model that breaks what it promised at load (e.g. an
     /// output of the wrong shape); panics end up here too.
     #[error("internal error: {0}")]

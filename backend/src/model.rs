@@ -21,32 +21,38 @@ use crate::triton::{
     BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle,
     Request, Response, ResponseFactory, now_ns,
 };
-use crate::types::{DataType, MemoryUsage};
+use crate::types::{DataType, MemoryUsage, ParameterValue};
 use crate::warmup;
 use crate::{log_error, log_info};
 
+/// The Triton error a request gets for `error`.
+fn triton_error(error: &BackendError) -> Error {
+    let code = match error {
+        BackendError::InvalidInput(_) | BackendError::Config(_) => ErrorCode::InvalidArg,
+        BackendError::ModelFile(_) => ErrorCode::NotFound,
+        BackendError::Unsupported(_) => ErrorCode::Unsupported,
+        BackendError::Unavailable(_) => ErrorCode::Unavailable,
+        BackendError::Relayed { code, .. } => *code,
+        BackendError::Tokenizer { .. }
+        | BackendError::OnnxRuntimeLibrary(_)
+        | BackendError::Onnx(_)
+        | BackendError::OnnxContext { .. }
+        | BackendError::Internal(_) => ErrorCode::Internal,
+    };
+    Error::new(code, error.to_string())
+}
+
 impl From<BackendError> for Error {
     fn from(error: BackendError) -> Self {
-        let code = match &error {
-            BackendError::InvalidInput(_) | BackendError::Config(_) => ErrorCode::InvalidArg,
-            BackendError::ModelFile(_) => ErrorCode::NotFound,
-            BackendError::Unsupported(_) => ErrorCode::Unsupported,
-            BackendError::Tokenizer { .. }
-            | BackendError::OnnxRuntimeLibrary(_)
-            | BackendError::Onnx(_)
-            | BackendError::OnnxContext { .. }
-            | BackendError::Internal(_) => ErrorCode::Internal,
-        };
-        Error::new(code, error.to_string())
+        triton_error(&error)
     }
 }
 
 impl From<Error> for BackendError {
     fn from(error: Error) -> Self {
-        match error.code {
-            ErrorCode::InvalidArg => BackendError::InvalidInput(error.message),
-            ErrorCode::Unsupported => BackendError::Unsupported(error.message),
-            _ => BackendError::Internal(error.message),
+        BackendError::Relayed {
+            code: error.code,
+            message: error.message,
         }
     }
 }
@@ -121,6 +127,7 @@ impl ModelState {
             config: &config,
             version_dir: &version_dir,
             onnxruntime: &backend.onnxruntime,
+            server: model.server()?,
         };
         let loaded = tasks::visit_task(
             task_name.trim(),
@@ -174,7 +181,9 @@ impl TaskVisitor for Loader<'_> {
             .collect();
         settings::refuse_unknown(&config.parameters, &known, &others)?;
         let settings = T::Settings::parse(&config.parameters)?;
-        T::contract(config.decoupled()).check(config, T::NAME)?;
+        if let Some(contract) = T::contract(config.decoupled()) {
+            contract.check(config, T::NAME)?;
+        }
         let task = T::load(self.context, settings)?;
         check_warmup(&task, config, self.model_dir)?;
         Ok(Box::new(TaskModel {
@@ -456,6 +465,10 @@ impl OutputWriter for ResponseOutputs<'_> {
     ) -> Result<&mut [u8], BackendError> {
         Ok(self.0.output(name, datatype, shape, byte_size)?)
     }
+
+    fn parameter(&mut self, key: &str, value: &ParameterValue) -> Result<(), BackendError> {
+        Ok(self.0.set_parameter(key, value)?)
+    }
 }
 
 impl TritonResponder {
@@ -505,19 +518,23 @@ impl TritonResponder {
                 request.id()
             ),
         }
+        self.report(&request, success && sent.is_ok(), compute_end_ns);
+        // Dropping the request releases it.
+    }
+
+    fn report(&self, request: &Request, success: bool, compute_end_ns: u64) {
         let times = ExecutionTimes {
             exec_start_ns: self.exec_start_ns,
             compute_start_ns: self.compute_start_ns,
             compute_end_ns,
             exec_end_ns: now_ns(),
         };
-        if let Err(error) =
-            self.instance
-                .report_request_statistics(&request, success && sent.is_ok(), &times)
+        if let Err(error) = self
+            .instance
+            .report_request_statistics(request, success, &times)
         {
             log_error!("triton-rust: cannot report request statistics: {error}");
         }
-        // Dropping the request releases it.
     }
 }
 
@@ -557,15 +574,35 @@ impl Responder for TritonResponder {
         if self.request.is_none() {
             return;
         }
-        if !matches!(error, BackendError::InvalidInput(_)) {
+        let error = triton_error(error);
+        if error.code == ErrorCode::Internal {
             log_error!("triton-rust: request failed: {error}");
         }
-        let error = Error::from(match error {
-            BackendError::InvalidInput(message) => BackendError::InvalidInput(message.clone()),
-            other => BackendError::Internal(other.to_string()),
-        });
         let response = Response::from_factory(&self.factory);
         self.finish(response, Some(error));
+    }
+
+    fn end(&mut self) {
+        self.end_stream();
+    }
+}
+
+impl TritonResponder {
+    /// Sends the final flag alone, reports the request's statistics, releases it.
+    fn end_stream(&mut self) {
+        let Some(request) = self.request.take() else {
+            return;
+        };
+        let compute_end_ns = now_ns();
+        let sent = self.factory.send_final_flag();
+        match &sent {
+            Ok(()) => request.mark_answered(),
+            Err(error) => log_error!(
+                "triton-rust: cannot end the stream of '{}': {error}",
+                request.id()
+            ),
+        }
+        self.report(&request, sent.is_ok(), compute_end_ns);
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::BackendError;
-use crate::types::{DataType, OutputTensor, element_count};
+use crate::types::{DataType, OutputTensor, ParameterValue, element_count};
 
 /// Where a task writes the outputs of one response.
 pub trait OutputWriter {
@@ -19,6 +19,9 @@ pub trait OutputWriter {
         shape: &[i64],
         byte_size: usize,
     ) -> Result<&mut [u8], BackendError>;
+
+    /// Adds a response parameter (KServe `parameters` of the response).
+    fn parameter(&mut self, key: &str, value: &ParameterValue) -> Result<(), BackendError>;
 }
 
 impl dyn OutputWriter + '_ {
@@ -75,6 +78,10 @@ pub trait Responder: Send {
 
     /// Ends the request with an error.
     fn fail(&mut self, error: &BackendError);
+
+    /// Ends a stream without one more response (decoupled models whose last piece was
+    /// already sent).
+    fn end(&mut self);
 }
 
 /// Sends a final response holding `outputs` (a responder reports its own failures:
@@ -90,6 +97,8 @@ pub fn respond_with(responder: &mut dyn Responder, outputs: &[OutputTensor]) {
 pub struct Collected {
     /// Every response, in order; the last one ends the request.
     pub responses: Vec<Vec<OutputTensor>>,
+    /// Every response's parameters, in the same order.
+    pub parameters: Vec<Vec<(String, ParameterValue)>>,
     pub error: Option<String>,
     pub finished: bool,
 }
@@ -101,7 +110,11 @@ pub struct CollectingResponder {
     pub cancelled: bool,
 }
 
-struct MemoryWriter(Vec<OutputTensor>);
+#[derive(Default)]
+struct MemoryWriter {
+    outputs: Vec<OutputTensor>,
+    parameters: Vec<(String, ParameterValue)>,
+}
 
 impl OutputWriter for MemoryWriter {
     fn buffer(
@@ -111,13 +124,21 @@ impl OutputWriter for MemoryWriter {
         shape: &[i64],
         byte_size: usize,
     ) -> Result<&mut [u8], BackendError> {
-        self.0.push(OutputTensor {
+        self.outputs.push(OutputTensor {
             name: name.to_owned(),
             datatype,
             shape: shape.to_vec(),
             data: vec![0; byte_size],
         });
-        Ok(self.0.last_mut().map_or(&mut [], |t| t.data.as_mut_slice()))
+        Ok(self
+            .outputs
+            .last_mut()
+            .map_or(&mut [], |t| t.data.as_mut_slice()))
+    }
+
+    fn parameter(&mut self, key: &str, value: &ParameterValue) -> Result<(), BackendError> {
+        self.parameters.push((key.to_owned(), value.clone()));
+        Ok(())
     }
 }
 
@@ -127,7 +148,7 @@ impl Responder for CollectingResponder {
     }
 
     fn respond(&mut self, last: bool, write: WriteOutputs<'_>) -> Result<(), BackendError> {
-        let mut writer = MemoryWriter(Vec::new());
+        let mut writer = MemoryWriter::default();
         let written = write(&mut writer);
         let mut collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
         if collected.finished {
@@ -136,7 +157,10 @@ impl Responder for CollectingResponder {
             ));
         }
         match written {
-            Ok(()) => collected.responses.push(writer.0),
+            Ok(()) => {
+                collected.responses.push(writer.outputs);
+                collected.parameters.push(writer.parameters);
+            }
             Err(error) if last => collected.error = Some(error.to_string()),
             Err(error) => return Err(error),
         }
@@ -148,5 +172,12 @@ impl Responder for CollectingResponder {
         let mut collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
         collected.error = Some(error.to_string());
         collected.finished = true;
+    }
+
+    fn end(&mut self) {
+        self.collected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finished = true;
     }
 }

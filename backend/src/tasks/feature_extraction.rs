@@ -56,11 +56,11 @@ impl Task for FeatureExtraction {
     type Instance = EncoderInstance;
     type Request = EncodedRequest;
 
-    fn contract(_decoupled: bool) -> TensorContract {
-        TensorContract {
+    fn contract(_decoupled: bool) -> Option<TensorContract> {
+        Some(TensorContract {
             inputs: INPUTS,
             outputs: OUTPUTS,
-        }
+        })
     }
 
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError> {

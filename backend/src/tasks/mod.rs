@@ -9,6 +9,7 @@ mod encoder;
 pub mod feature_extraction;
 pub mod sentiment;
 pub mod text_generation;
+pub mod traffic_split;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,6 +19,7 @@ use crate::error::BackendError;
 use crate::onnx::{Device, OnnxRuntimeLibrary};
 use crate::responder::Responder;
 use crate::settings::{KnownParameters, Settings};
+use crate::triton::Server;
 use crate::types::{InputTensor, MemoryUsage, ParameterValue};
 
 /// A kind of model.
@@ -31,8 +33,9 @@ pub trait Task: Sized + Send + Sync + 'static {
     /// One request, validated and ready to run.
     type Request: Send + 'static;
 
-    /// The inputs and outputs a configuration may declare for this task.
-    fn contract(decoupled: bool) -> TensorContract;
+    /// The inputs and outputs a configuration may declare for this task; `None` for a
+    /// task that checks them itself when it loads (against another model's).
+    fn contract(decoupled: bool) -> Option<TensorContract>;
 
     /// Loads one model version (shared by its instances).
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError>;
@@ -67,6 +70,8 @@ pub struct ModelContext<'a> {
     /// `<repository>/<model>/<version>/`: the version's files.
     pub version_dir: &'a Path,
     pub onnxruntime: &'a OnnxRuntimeLibrary,
+    /// The server, for tasks that send requests into it.
+    pub server: Server,
 }
 
 /// What a task needs to build an instance.
@@ -202,6 +207,7 @@ registry!(
     sentiment::SentimentClassifier,
     feature_extraction::FeatureExtraction,
     text_generation::TextGeneration,
+    traffic_split::TrafficSplit,
 );
 
 /// The task names, for messages.

@@ -100,8 +100,8 @@ impl Task for TextGeneration {
     type Instance = GenerationInstance;
     type Request = GenerationRequest;
 
-    fn contract(decoupled: bool) -> TensorContract {
-        if decoupled {
+    fn contract(decoupled: bool) -> Option<TensorContract> {
+        Some(if decoupled {
             TensorContract {
                 inputs: STREAMING_INPUTS,
                 outputs: STREAMING_OUTPUTS,
@@ -111,7 +111,7 @@ impl Task for TextGeneration {
                 inputs: WHOLE_INPUTS,
                 outputs: WHOLE_OUTPUTS,
             }
-        }
+        })
     }
 
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError> {

@@ -32,18 +32,7 @@ use triton_sys as sys;
 
 use crate::types::{DataType, ParameterValue};
 
-/// Triton's error codes, mapped by value (never transmuted from C).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    Unknown,
-    Internal,
-    NotFound,
-    InvalidArg,
-    Unavailable,
-    Unsupported,
-    AlreadyExists,
-    Cancelled,
-}
+pub use crate::error::ErrorCode;
 
 impl ErrorCode {
     fn to_raw(self) -> sys::TRITONSERVER_Error_Code {

@@ -6,7 +6,7 @@ use std::ptr::{self, NonNull};
 use triton_sys as sys;
 
 use super::{Error, Request, Result, c_string_lossy, check, data_type_to_raw, read_bool};
-use crate::types::DataType;
+use crate::types::{DataType, ParameterValue};
 
 /// One response to a request: the final one or one of the pieces a decoupled model
 /// streams before it. Dropping an unsent response deletes it (the request's own guard
@@ -116,15 +116,51 @@ impl Response {
         Ok(())
     }
 
+    /// Adds a response parameter (KServe `parameters` of the response).
+    pub fn set_parameter(&mut self, key_name: &str, value: &ParameterValue) -> Result<()> {
+        let response = self
+            .raw
+            .ok_or_else(|| Error::internal("the response was already sent"))?;
+        let c_key = c_string_lossy(key_name);
+        let response = response.as_ptr();
+        let key = c_key.as_ptr();
+        check(match value {
+            ParameterValue::String(text) => {
+                let c_text = c_string_lossy(text);
+                // SAFETY: the response is live and unsent; key and value are
+                // NUL-terminated and copied by Triton during the call.
+                unsafe {
+                    sys::TRITONBACKEND_ResponseSetStringParameter(response, key, c_text.as_ptr())
+                }
+            }
+            // SAFETY: the response is live and unsent; the key is NUL-terminated and
+            // copied by Triton during the call.
+            ParameterValue::Int(number) => unsafe {
+                sys::TRITONBACKEND_ResponseSetIntParameter(response, key, *number)
+            },
+            // SAFETY: as above.
+            ParameterValue::Bool(flag) => unsafe {
+                sys::TRITONBACKEND_ResponseSetBoolParameter(response, key, *flag)
+            },
+            // SAFETY: as above.
+            ParameterValue::Double(number) => unsafe {
+                sys::TRITONBACKEND_ResponseSetDoubleParameter(response, key, *number)
+            },
+            ParameterValue::Other => {
+                return Err(Error::unsupported(format!(
+                    "response parameter '{key_name}' has a type that cannot be sent"
+                )));
+            }
+        })
+    }
+
     /// Sends a piece of a stream: a final response follows later.
     pub fn send_partial(mut self) -> Result<()> {
-        match self.raw.take() {
-            // SAFETY: the response is live and sent exactly once; ownership passes to Triton.
-            Some(raw) => {
-                check(unsafe { sys::TRITONBACKEND_ResponseSend(raw.as_ptr(), 0, ptr::null_mut()) })
-            }
-            None => Ok(()),
-        }
+        let Some(raw) = self.raw.take() else {
+            return Ok(());
+        };
+        // SAFETY: the response is live and sent exactly once; ownership passes to Triton.
+        check(unsafe { sys::TRITONBACKEND_ResponseSend(raw.as_ptr(), 0, ptr::null_mut()) })
     }
 
     /// Sends the request's final response, carrying `error` if the request failed.

@@ -1,0 +1,563 @@
+//! `traffic-split`: a router model that splits traffic between versions of another
+//! model inside the server. Each request goes, with its inputs, parameters and
+//! requested outputs, to one version (an arm, chosen at random by weight) through
+//! `TRITONSERVER_ServerInferAsync`; that version's responses (a stream, for decoupled
+//! models) come back to the client with response parameters naming the arm.
+//!
+//! The router has no files of its own: its configuration names the target model and
+//! the arms, and declares the target's inputs and outputs. A load checks that each
+//! arm's version directory exists and, once the server can answer (Triton refuses
+//! every query while it starts up, so a router loaded at startup checks at its first
+//! request instead), that the arm's version is ready and serves exactly the router's
+//! inputs and outputs.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use serde::{Deserialize, Deserializer};
+
+use super::{
+    InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract, fail_all,
+    unzip_batch,
+};
+use crate::config::{ModelConfig, TensorSpec};
+use crate::error::{BackendError, ErrorCode};
+use crate::responder::{OutputWriter, Responder};
+use crate::settings::{SettingsGroup, positive_int};
+use crate::triton::{InFlight, InferenceResponse, ResponseEvent, Server};
+use crate::types::{InputTensor, MemoryUsage, ParameterValue};
+
+/// Response parameter: the arm that served the request.
+pub const ARM_PARAMETER: &str = "ab_test_group";
+/// Response parameter: the version of the target model that served the request.
+pub const VERSION_PARAMETER: &str = "ab_model_version";
+
+/// Weights are percentages: they sum to this.
+const TOTAL_WEIGHT: u32 = 100;
+
+/// One version of the target and its share of the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arm {
+    pub version: i64,
+    /// Percent of the requests, 0 to 100.
+    pub weight: u32,
+}
+
+impl Arm {
+    /// The arm's name in responses.
+    fn name(&self) -> String {
+        format!("v{}", self.version)
+    }
+}
+
+/// `version:weight` pairs, e.g. `1:70,2:30`: positive versions, each once, weights
+/// summing to 100.
+fn arm_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<Arm>>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_arms(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn parse_arms(text: &str) -> Result<Vec<Arm>, String> {
+    let malformed = || {
+        format!(
+            "must be version:weight pairs with weights summing to {TOTAL_WEIGHT}, e.g. '1:70,2:30'; got '{text}'"
+        )
+    };
+    let mut arms = Vec::new();
+    for pair in text.split(',') {
+        let (version, weight) = pair.split_once(':').ok_or_else(malformed)?;
+        let version: i64 = version.trim().parse().map_err(|_| malformed())?;
+        let weight: u32 = weight.trim().parse().map_err(|_| malformed())?;
+        if version < 1 || weight > TOTAL_WEIGHT {
+            return Err(malformed());
+        }
+        if arms.iter().any(|arm: &Arm| arm.version == version) {
+            return Err(format!("names version {version} twice; got '{text}'"));
+        }
+        arms.push(Arm { version, weight });
+    }
+    let total: u32 = arms.iter().map(|arm| arm.weight).sum();
+    if total != TOTAL_WEIGHT {
+        return Err(format!(
+            "has weights summing to {total}; they must sum to {TOTAL_WEIGHT} (got '{text}')"
+        ));
+    }
+    Ok(arms)
+}
+
+fn default_ready_timeout() -> usize {
+    30
+}
+
+/// The router's parameters.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouterSettings {
+    /// The model whose versions the arms are.
+    #[serde(default)]
+    pub target_model: Option<String>,
+    /// The arms: `version:weight` pairs.
+    #[serde(default, deserialize_with = "arm_list")]
+    pub arms: Option<Vec<Arm>>,
+    /// How long a load waits for the target's versions to be ready (the server may
+    /// load the router and its target at the same time).
+    #[serde(default = "default_ready_timeout", deserialize_with = "positive_int")]
+    pub target_ready_timeout_s: usize,
+}
+
+impl SettingsGroup for RouterSettings {}
+
+/// A request on its way to an arm: its inputs (copied once, out of the client's
+/// request, which is released before the target answers), parameters and outputs.
+pub struct ForwardedRequest {
+    inputs: Vec<(String, InputTensor<'static>)>,
+    parameters: Vec<(String, ParameterValue)>,
+    outputs: Vec<String>,
+}
+
+pub struct TrafficSplit {
+    server: Server,
+    target: String,
+    arms: Vec<Arm>,
+    /// The router's own configuration, to check the target's against.
+    config: ModelConfig,
+    /// Set once the arms were found ready and serving the router's tensors.
+    verified: OnceLock<()>,
+}
+
+impl Task for TrafficSplit {
+    const NAME: &'static str = "traffic-split";
+    type Settings = RouterSettings;
+    /// Each instance draws arms from its own generator.
+    type Instance = ChaCha8Rng;
+    type Request = ForwardedRequest;
+
+    fn contract(_decoupled: bool) -> Option<TensorContract> {
+        None
+    }
+
+    fn load(model: &ModelContext<'_>, settings: RouterSettings) -> Result<Self, BackendError> {
+        let target = settings
+            .target_model
+            .filter(|name| !name.trim().is_empty())
+            .ok_or_else(|| BackendError::Config("parameter 'target_model' is required".into()))?;
+        if target == model.name {
+            return Err(BackendError::Config(format!(
+                "parameter 'target_model' names the router '{target}' itself"
+            )));
+        }
+        let arms = settings.arms.ok_or_else(|| {
+            BackendError::Config(
+                "parameter 'arms' is required: version:weight pairs, e.g. '1:70,2:30'".into(),
+            )
+        })?;
+        // The repository holds the router and its target side by side.
+        if let Some(repository) = model.version_dir.parent().and_then(Path::parent) {
+            for arm in &arms {
+                let version_dir = repository.join(&target).join(arm.version.to_string());
+                if !version_dir.is_dir() {
+                    return Err(BackendError::Config(format!(
+                        "arm version {} of '{target}' does not exist: {} is not a directory",
+                        arm.version,
+                        version_dir.display()
+                    )));
+                }
+            }
+        }
+        let router = TrafficSplit {
+            server: model.server,
+            target,
+            arms,
+            config: model.config.clone(),
+            verified: OnceLock::new(),
+        };
+        // While the server starts up it answers no query (UNAVAILABLE): the first
+        // request checks instead.
+        let first = router.arms[0].version;
+        let starting_up = matches!(
+            model.server.model_is_ready(&router.target, first),
+            Err(error) if error.code == ErrorCode::Unavailable
+        );
+        if !starting_up {
+            let timeout = Duration::from_secs(settings.target_ready_timeout_s as u64);
+            router.verify(timeout)?;
+        }
+        Ok(router)
+    }
+
+    fn instance(&self, _instance: &InstanceContext) -> Result<ChaCha8Rng, BackendError> {
+        Ok(ChaCha8Rng::from_os_rng())
+    }
+
+    fn prepare(&self, request: RequestData<'_>) -> Result<ForwardedRequest, BackendError> {
+        let inputs = request
+            .inputs
+            .into_iter()
+            .map(|(name, tensor)| {
+                let owned = InputTensor {
+                    datatype: tensor.datatype,
+                    shape: tensor.shape,
+                    data: Cow::Owned(tensor.data.into_owned()),
+                };
+                (name, owned)
+            })
+            .collect();
+        Ok(ForwardedRequest {
+            inputs,
+            parameters: request.parameters,
+            outputs: request.requested_outputs,
+        })
+    }
+
+    fn rows(_request: &ForwardedRequest) -> usize {
+        1
+    }
+
+    fn execute(&self, rng: &mut ChaCha8Rng, batch: Vec<Pending<ForwardedRequest>>) {
+        if let Err(error) = self.verify(Duration::ZERO) {
+            let (_, mut responders) = unzip_batch(batch);
+            return fail_all(&mut responders, &error);
+        }
+        for pending in batch {
+            let arm = choose_arm(&self.arms, bucket(rng));
+            if let Err((Some(mut responder), error)) = self.forward(pending, arm) {
+                responder.fail(&error);
+            }
+        }
+    }
+
+    fn memory_usage(&self) -> Vec<MemoryUsage> {
+        Vec::new()
+    }
+
+    fn instance_memory_usage(
+        &self,
+        _instance: &ChaCha8Rng,
+    ) -> Result<Vec<MemoryUsage>, BackendError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A request that could not be sent, with its responder back.
+type Unsent = (Option<Box<dyn Responder>>, BackendError);
+
+impl TrafficSplit {
+    /// Checks, once it succeeds, that every arm's version is ready (waiting up to
+    /// `timeout`) and serves exactly the router's inputs and outputs.
+    fn verify(&self, timeout: Duration) -> Result<(), BackendError> {
+        if self.verified.get().is_some() {
+            return Ok(());
+        }
+        let target = &self.target;
+        for arm in &self.arms {
+            wait_until_ready(self.server, target, arm.version, timeout)?;
+            let json = self
+                .server
+                .model_config_json(target, arm.version)
+                .map_err(BackendError::from)?;
+            check_same_tensors(&self.config, &ModelConfig::from_json(&json)?).map_err(
+                |problem| {
+                    BackendError::Config(format!(
+                        "the router must serve what '{target}' version {} serves: {problem}",
+                        arm.version
+                    ))
+                },
+            )?;
+        }
+        let _first = self.verified.set(());
+        Ok(())
+    }
+
+    /// Sends the request to `arm`; its responses are relayed by [`Relay`].
+    fn forward(&self, pending: Pending<ForwardedRequest>, arm: Arm) -> Result<(), Unsent> {
+        let Pending { request, responder } = pending;
+        let builder = (|| {
+            let mut builder = self.server.request(&self.target, arm.version)?;
+            for (name, tensor) in request.inputs {
+                let data = tensor.data.into_owned();
+                builder.add_input(&name, tensor.datatype, &tensor.shape, data)?;
+            }
+            for (key, value) in &request.parameters {
+                builder.parameter(key, value)?;
+            }
+            for name in &request.outputs {
+                builder.add_requested_output(name)?;
+            }
+            Ok::<_, crate::triton::Error>(builder)
+        })();
+        let builder = match builder {
+            Ok(builder) => builder,
+            Err(error) => return Err((Some(responder), error.into())),
+        };
+        let responder = Arc::new(Mutex::new(Some(responder)));
+        let relay = Relay {
+            responder: Arc::clone(&responder),
+            upstream: builder.cancel_handle(),
+            arm,
+        };
+        builder
+            .send(move |event| relay.deliver(event))
+            .map_err(|error| {
+                // The relay never ran, so the responder is still there.
+                let responder = responder
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                (responder, BackendError::from(error))
+            })
+            .map(|_in_flight| ())
+    }
+}
+
+/// Passes the target's responses on to the client.
+struct Relay {
+    /// Taken once the client's request is answered.
+    responder: Arc<Mutex<Option<Box<dyn Responder>>>>,
+    /// Cancels the forwarded request when the client cancels.
+    upstream: InFlight,
+    arm: Arm,
+}
+
+impl Relay {
+    fn deliver(&self, event: ResponseEvent) {
+        let mut slot = self
+            .responder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(responder) = slot.as_mut() else {
+            return;
+        };
+        if responder.is_cancelled() {
+            // Best effort: the target may finish anyway, and its answer is relayed.
+            let _ignored = self.upstream.cancel();
+        }
+        let done = match event {
+            ResponseEvent::Final => {
+                responder.end();
+                true
+            }
+            ResponseEvent::Response(response) => {
+                let last = response.is_final();
+                if let Some(error) = response.error() {
+                    responder.fail(&BackendError::from(error));
+                    true
+                } else {
+                    let sent = responder.respond(last, &mut |writer| self.copy(&response, writer));
+                    match sent {
+                        // A piece that cannot go out ends the stream.
+                        Err(error) if !last => {
+                            responder.fail(&error);
+                            let _ignored = self.upstream.cancel();
+                            true
+                        }
+                        _ => last,
+                    }
+                }
+            }
+        };
+        if done {
+            *slot = None;
+        }
+    }
+
+    /// The target's outputs and parameters, and the arm's.
+    fn copy(
+        &self,
+        response: &InferenceResponse,
+        writer: &mut dyn OutputWriter,
+    ) -> Result<(), BackendError> {
+        for output in response.outputs()? {
+            writer
+                .buffer(
+                    &output.name,
+                    output.datatype,
+                    &output.shape,
+                    output.data.len(),
+                )?
+                .copy_from_slice(output.data);
+        }
+        for (key, value) in response.parameters()? {
+            writer.parameter(&key, &value)?;
+        }
+        writer.parameter(ARM_PARAMETER, &ParameterValue::String(self.arm.name()))?;
+        writer.parameter(
+            VERSION_PARAMETER,
+            &ParameterValue::String(self.arm.version.to_string()),
+        )
+    }
+}
+
+/// A number in `0..100` for a weighted choice.
+fn bucket(rng: &mut ChaCha8Rng) -> u32 {
+    (rng.next_u64() % u64::from(TOTAL_WEIGHT)) as u32
+}
+
+/// The arm owning `bucket`: arms own contiguous ranges of `0..100`, in order, as wide
+/// as their weights.
+fn choose_arm(arms: &[Arm], bucket: u32) -> Arm {
+    let mut end = 0;
+    for arm in arms {
+        end += arm.weight;
+        if bucket < end {
+            return *arm;
+        }
+    }
+    // Unreachable with weights summing to 100; the last arm keeps it total.
+    arms[arms.len() - 1]
+}
+
+/// Waits for `target` version `version` to be ready, up to `timeout`.
+fn wait_until_ready(
+    server: Server,
+    target: &str,
+    version: i64,
+    timeout: Duration,
+) -> Result<(), BackendError> {
+    let started = Instant::now();
+    loop {
+        let ready = server.model_is_ready(target, version);
+        if matches!(ready, Ok(true)) {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            let why = match ready {
+                Ok(_) => "it is not ready".to_owned(),
+                Err(error) => error.message,
+            };
+            let waited = if timeout.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    " after {}s (parameter 'target_ready_timeout_s')",
+                    timeout.as_secs()
+                )
+            };
+            return Err(BackendError::Unavailable(format!(
+                "arm version {version} of '{target}' is not available{waited}: {why}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the router declares exactly the target's batching, transaction policy,
+/// inputs and outputs; else what differs.
+fn check_same_tensors(router: &ModelConfig, target: &ModelConfig) -> Result<(), String> {
+    if router.max_batch_size != target.max_batch_size {
+        return Err(format!(
+            "max_batch_size is {} here but {} there",
+            router.max_batch_size, target.max_batch_size
+        ));
+    }
+    if router.decoupled() != target.decoupled() {
+        return Err(format!(
+            "decoupled is {} here but {} there",
+            router.decoupled(),
+            target.decoupled()
+        ));
+    }
+    for (kind, ours, theirs) in [
+        ("input", &router.inputs, &target.inputs),
+        ("output", &router.outputs, &target.outputs),
+    ] {
+        let describe = |specs: &[TensorSpec]| -> Vec<String> {
+            let mut described: Vec<String> = specs
+                .iter()
+                .map(|s| format!("{} {} {:?}", s.name, s.data_type, s.dims))
+                .collect();
+            described.sort();
+            described
+        };
+        let (ours, theirs) = (describe(ours), describe(theirs));
+        if ours != theirs {
+            return Err(format!("{kind}s are {ours:?} here but {theirs:?} there"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Settings;
+
+    #[test]
+    fn arms_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_arms("1:70, 2:30"),
+            Ok(vec![
+                Arm {
+                    version: 1,
+                    weight: 70
+                },
+                Arm {
+                    version: 2,
+                    weight: 30
+                }
+            ])
+        );
+        for (text, expected) in [
+            ("1:70,2:20", "summing to 90"),
+            ("1:70,1:30", "names version 1 twice"),
+            ("1:-5,2:105", "version:weight pairs"),
+            ("0:100", "version:weight pairs"),
+            ("one:100", "version:weight pairs"),
+            ("1=100", "version:weight pairs"),
+        ] {
+            let error = parse_arms(text).expect_err(text);
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        let parameters = [("arms".to_string(), "1:50,2:49".to_string())].into();
+        let error = RouterSettings::parse(&parameters)
+            .expect_err("bad weights")
+            .to_string();
+        assert!(
+            error.contains("parameter 'arms' has weights summing to 99"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn arms_own_contiguous_buckets() {
+        let arms = parse_arms("1:70,2:30").expect("valid");
+        assert_eq!(choose_arm(&arms, 0).version, 1);
+        assert_eq!(choose_arm(&arms, 69).version, 1);
+        assert_eq!(choose_arm(&arms, 70).version, 2);
+        assert_eq!(choose_arm(&arms, 99).version, 2);
+        let zero = parse_arms("1:100,2:0").expect("valid");
+        assert!((0..100).all(|b| choose_arm(&zero, b).version == 1));
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let second = (0..10_000)
+            .filter(|_| choose_arm(&arms, bucket(&mut rng)).version == 2)
+            .count();
+        assert!((2_700..3_300).contains(&second), "{second} of 10000");
+    }
+
+    #[test]
+    fn the_router_must_declare_the_targets_tensors() {
+        let config = |dims: &str, decoupled: bool| {
+            ModelConfig::from_json(&format!(
+                r#"{{"max_batch_size": 0,
+                    "model_transaction_policy": {{"decoupled": {decoupled}}},
+                    "input": [{{"name": "text_input", "data_type": "TYPE_STRING", "dims": {dims}}}],
+                    "output": [{{"name": "out", "data_type": "TYPE_FP32", "dims": [-1, 3]}}]}}"#
+            ))
+            .expect("valid")
+        };
+        assert_eq!(
+            check_same_tensors(&config("[-1]", false), &config("[\"-1\"]", false)),
+            Ok(())
+        );
+        let error = check_same_tensors(&config("[1]", false), &config("[-1]", false))
+            .expect_err("dims differ");
+        assert!(error.starts_with("inputs are"), "{error}");
+        let error = check_same_tensors(&config("[-1]", true), &config("[-1]", false))
+            .expect_err("decoupled differs");
+        assert!(error.contains("decoupled"), "{error}");
+    }
+}

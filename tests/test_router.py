@@ -1,0 +1,282 @@
+"""The traffic-split router (task `traffic-split`): a model with no files of its own that
+forwards each request, inside the server (TRITONSERVER_ServerInferAsync), to one version
+of another model, chosen at random by weight, and relays that version's answer with
+response parameters naming the arm.
+
+Shown through a real tritonserver: answers equal the named version's own (HTTP JSON,
+the binary extension and gRPC), the arms' shares match the weights (chi-square),
+request parameters and errors pass through, and a bad router configuration fails its
+load with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from conftest import (
+    MODEL_REPOSITORY,
+    assert_error,
+    error_message,
+    infer,
+    load_model,
+    outputs_by_name,
+    repository_index,
+    text_input,
+)
+
+CLASSIFIER_AB = "sentiment-classifier-ab"
+GENERATOR_AB = "gpt2-small-ab"
+TEXTS = ["This is a great day!", "The food was cold and late."]
+
+# The chi-square critical value for 1 degree of freedom at p = 0.001: a router whose
+# shares match its weights fails this test once in a thousand runs.
+CHI_SQUARE_1DF_P001 = 10.83
+
+
+def served_by(response) -> tuple[str, str]:
+    """The arm and version a router's JSON response names."""
+    parameters = response.json()["parameters"]
+    return parameters["ab_test_group"], parameters["ab_model_version"]
+
+
+def direct(server, model: str, version: str, body: dict) -> dict:
+    response = server.post(f"/v2/models/{model}/versions/{version}/infer", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_answers_equal_the_version_the_response_names(server):
+    body = {"inputs": [text_input(TEXTS)]}
+    seen = set()
+    for _ in range(30):
+        response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+        assert response.status_code == 200, response.text
+        arm, version = served_by(response)
+        assert arm == f"v{version}"
+        seen.add(version)
+        routed = response.json()
+        assert routed["model_name"] == CLASSIFIER_AB
+        expected = direct(server, "sentiment-classifier", version, body)
+        assert routed["outputs"] == expected["outputs"]
+    assert seen == {"1", "2"}, "30 requests at 50/50 reach both arms"
+
+
+def test_the_seed_payload_works_against_the_router(server):
+    response = infer(server, CLASSIFIER_AB, [text_input(["This is a great day!"])])
+    assert response.status_code == 200, response.text
+    outputs = outputs_by_name(response)
+    assert outputs["sentiment_score"]["shape"] == [1, 3]
+    assert outputs["sentiment_label"]["shape"] == [1]
+
+
+@pytest.mark.parametrize("protocol", ["binary", "grpc"])
+def test_binary_and_grpc_clients_see_the_arm(server, protocol):
+    module = httpclient if protocol == "binary" else grpcclient
+    url = server.http_url.removeprefix("http://") if protocol == "binary" else server.grpc_url
+    client = module.InferenceServerClient(url)
+    binary = {"binary_data": True} if protocol == "binary" else {}
+    try:
+        texts = np.array([t.encode() for t in TEXTS], dtype=object)
+        tensor = module.InferInput("text_input", [len(TEXTS)], "BYTES")
+        tensor.set_data_from_numpy(texts, **binary)
+        requested = [module.InferRequestedOutput("sentiment_score", **binary)]
+        seen = set()
+        for _ in range(20):
+            result = client.infer(CLASSIFIER_AB, [tensor], outputs=requested)
+            response = result.get_response()
+            if protocol == "binary":
+                parameters = response["parameters"]
+                arm, version = parameters["ab_test_group"], parameters["ab_model_version"]
+            else:
+                arm = response.parameters["ab_test_group"].string_param
+                version = response.parameters["ab_model_version"].string_param
+            assert arm == f"v{version}"
+            seen.add(version)
+            expected = direct(
+                server,
+                "sentiment-classifier",
+                version,
+                {"inputs": [text_input(TEXTS)], "outputs": [{"name": "sentiment_score"}]},
+            )["outputs"][0]
+            np.testing.assert_allclose(
+                result.as_numpy("sentiment_score").flatten(), expected["data"], rtol=1e-6
+            )
+        assert seen == {"1", "2"}
+    finally:
+        client.close()
+
+
+def arm_counts(server, model: str, body: dict, requests: int) -> dict[str, int]:
+    def one(_):
+        response = server.post(f"/v2/models/{model}/infer", body)
+        assert response.status_code == 200, response.text
+        return served_by(response)[1]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        versions = list(pool.map(one, range(requests)))
+    return {version: versions.count(version) for version in set(versions)}
+
+
+@pytest.mark.parametrize(
+    "model, weights, body",
+    [
+        (CLASSIFIER_AB, {"1": 0.5, "2": 0.5}, {"inputs": [text_input(["Fine."])]}),
+        (
+            GENERATOR_AB,
+            {"1": 0.7, "2": 0.3},
+            {
+                "inputs": [text_input(["Hello"])],
+                "parameters": {"max_new_tokens": 1, "do_sample": False},
+            },
+        ),
+    ],
+)
+def test_arm_shares_match_the_weights(server, model, weights, body):
+    requests = 2000
+    counts = arm_counts(server, model, body, requests)
+    assert set(counts) == set(weights), counts
+    chi_square = sum(
+        (counts[v] - requests * share) ** 2 / (requests * share) for v, share in weights.items()
+    )
+    assert chi_square < CHI_SQUARE_1DF_P001, (counts, chi_square)
+
+
+def test_request_parameters_reach_the_version(server):
+    body = {
+        "inputs": [text_input(["Once upon a time"])],
+        "parameters": {"max_new_tokens": 6, "do_sample": False},
+    }
+    for _ in range(6):
+        response = server.post(f"/v2/models/{GENERATOR_AB}/infer", body)
+        assert response.status_code == 200, response.text
+        _, version = served_by(response)
+        expected = direct(server, "gpt2-small", version, body)
+        assert response.json()["outputs"] == expected["outputs"]
+    sampled = dict(body, parameters={"max_new_tokens": 6, "seed": 42, "temperature": 1.3})
+    response = server.post(f"/v2/models/{GENERATOR_AB}/infer", sampled)
+    _, version = served_by(response)
+    assert response.json()["outputs"] == direct(server, "gpt2-small", version, sampled)["outputs"]
+
+
+def test_errors_come_back_with_their_status(server):
+    empty = infer(server, CLASSIFIER_AB, [text_input(["fine", " "])])
+    assert_error(empty, "element 1 is empty")
+    response = server.post(
+        f"/v2/models/{GENERATOR_AB}/infer",
+        {"inputs": [text_input(["Hi"])], "parameters": {"temperature": -1}},
+    )
+    assert_error(response, "'temperature' must be a number > 0")
+    assert server.is_healthy()
+    assert infer(server, CLASSIFIER_AB, [text_input(["Still fine."])]).status_code == 200
+
+
+def test_router_statistics_count_its_requests(server):
+    before = server.get(f"/v2/models/{CLASSIFIER_AB}/stats").json()["model_stats"][0]
+    for _ in range(5):
+        assert infer(server, CLASSIFIER_AB, [text_input(["Counted."])]).status_code == 200
+    assert_error(infer(server, CLASSIFIER_AB, [text_input([""])]), "is empty")
+    after = server.get(f"/v2/models/{CLASSIFIER_AB}/stats").json()["model_stats"][0]
+    stats_before, stats_after = before["inference_stats"], after["inference_stats"]
+    assert int(stats_after["success"]["count"]) - int(stats_before["success"]["count"]) == 5
+    assert int(stats_after["fail"]["count"]) - int(stats_before["fail"]["count"]) == 1
+
+
+# --- loading: a bad router configuration is a clear load error ------------------------
+
+
+def router_config(**parameters: str) -> dict:
+    """sentiment-classifier-ab's configuration as a load override, with `parameters`
+    replacing its own (a value of None drops the parameter)."""
+    config = {
+        "name": CLASSIFIER_AB,
+        "backend": "rust",
+        "max_batch_size": 0,
+        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [
+            {"name": "sentiment_score", "data_type": "TYPE_FP32", "dims": [-1, 3]},
+            {"name": "sentiment_label", "data_type": "TYPE_STRING", "dims": [-1]},
+        ],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {
+            "task": {"string_value": "traffic-split"},
+            "target_model": {"string_value": "sentiment-classifier"},
+            "arms": {"string_value": "1:50,2:50"},
+        },
+    }
+    for key, value in parameters.items():
+        if value is None:
+            config["parameters"].pop(key)
+        else:
+            config["parameters"][key] = {"string_value": value}
+    return config
+
+
+@pytest.fixture
+def explicit_with_targets(start_server):
+    """A server in explicit mode with sentiment-classifier loaded (not its router)."""
+    return start_server(
+        MODEL_REPOSITORY,
+        args=["--model-control-mode=explicit", "--load-model=sentiment-classifier"],
+    )
+
+
+def with_output_dims(dims) -> dict:
+    config = router_config()
+    config["output"][0] = dict(config["output"][0], dims=dims)
+    return config
+
+
+BAD_ROUTERS = {
+    "weights-not-100": (router_config(arms="1:60,2:30"), "weights summing to 90"),
+    "negative-weight": (router_config(arms="1:-50,2:150"), "version:weight pairs"),
+    "unknown-version": (router_config(arms="1:50,3:50"), "arm version 3 of 'sentiment-classifier' does not exist"),
+    "unknown-target": (router_config(target_model="no-such-model"), "of 'no-such-model' does not exist"),
+    "no-target": (router_config(target_model=None), "'target_model' is required"),
+    "no-arms": (router_config(arms=None), "'arms' is required"),
+    "routes-to-itself": (router_config(target_model=CLASSIFIER_AB), "names the router"),
+    "unknown-parameter": (router_config(weights="1:50"), "unknown parameter 'weights'"),
+    "onnx-parameter": (router_config(intra_op_thread_count="2"), "only applies to task"),
+    "other-tensors": (with_output_dims([-1, 4]), "must serve what 'sentiment-classifier' version 1 serves"),
+}
+
+
+def test_bad_router_configs_fail_their_load_and_a_good_one_serves(explicit_with_targets):
+    server = explicit_with_targets
+    for case, (config, expected) in BAD_ROUTERS.items():
+        response = load_model(server, CLASSIFIER_AB, config)
+        assert response.status_code == 400, (case, response.text)
+        assert expected in error_message(response), (case, error_message(response))
+    assert server.get("/v2/health/live").status_code == 200
+    assert load_model(server, CLASSIFIER_AB).status_code == 200
+    response = infer(server, CLASSIFIER_AB, [text_input(["Loaded at last."])])
+    assert response.status_code == 200, response.text
+    assert served_by(response)[1] in {"1", "2"}
+
+
+def test_a_router_waits_for_its_target_then_gives_up(explicit_with_targets):
+    server = explicit_with_targets
+    config = router_config(target_model="bert-base", target_ready_timeout_s="1")
+    config["output"] = [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [-1, 64]}]
+    response = load_model(server, CLASSIFIER_AB, config)
+    assert_error(response, "arm version 1 of 'bert-base' is not available after 1s")
+    assert "bert-base" not in {
+        name for name, entries in repository_index(server).items()
+        if any(e.get("state") == "READY" for e in entries)
+    }
+
+
+def test_weights_change_with_a_reload(explicit_with_targets):
+    server = explicit_with_targets
+    assert load_model(server, CLASSIFIER_AB, router_config(arms="1:0,2:100")).status_code == 200
+    body = {"inputs": [text_input(["Only two."])]}
+    assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"2"}
+    assert load_model(server, CLASSIFIER_AB, router_config(arms="1:100,2:0")).status_code == 200
+    assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
+    # A reload with bad weights fails and the router keeps its last good weights.
+    assert load_model(server, CLASSIFIER_AB, router_config(arms="1:10,2:10")).status_code == 400
+    assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
