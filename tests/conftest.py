@@ -301,3 +301,19 @@ def repository_index(server) -> dict:
     for entry in response.json():
         index.setdefault(entry["name"], []).append(entry)
     return index
+
+
+def classifier_config(name: str, **parameters: str) -> dict:
+    """The example classifier's configuration as JSON, with the given parameters."""
+    return {
+        "name": name,
+        "backend": "rust",
+        "max_batch_size": 0,
+        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [
+            {"name": "sentiment_score", "data_type": "TYPE_FP32", "dims": [-1, 3]},
+            {"name": "sentiment_label", "data_type": "TYPE_STRING", "dims": [-1]},
+        ],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {key: {"string_value": value} for key, value in parameters.items()},
+    }

@@ -20,6 +20,7 @@ from typing import Callable
 import pytest
 
 from conftest import (
+    classifier_config,
     MODEL_REPOSITORY,
     running_server,
     assert_error,
@@ -252,22 +253,6 @@ def test_gpu_instance_without_gpu_fails_to_load(explicit_server):
 
 
 # --- 9. Config override through the load API --------------------------------------------
-
-
-def classifier_config(name: str, **parameters: str) -> dict:
-    """The example classifier's configuration as JSON, with the given parameters."""
-    return {
-        "name": name,
-        "backend": "rust",
-        "max_batch_size": 0,
-        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [-1]}],
-        "output": [
-            {"name": "sentiment_score", "data_type": "TYPE_FP32", "dims": [-1, 3]},
-            {"name": "sentiment_label", "data_type": "TYPE_STRING", "dims": [-1]},
-        ],
-        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        "parameters": {key: {"string_value": value} for key, value in parameters.items()},
-    }
 
 
 def test_config_override_with_bad_parameter_fails(explicit_server):

@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from conftest import (
     MODEL_REPOSITORY,
     assert_error,
+    classifier_config,
     error_message,
     infer,
     load_model,
@@ -189,31 +190,14 @@ def test_router_statistics_count_its_requests(server):
 # --- loading: a bad router configuration is a clear load error ------------------------
 
 
-def router_config(**parameters: str) -> dict:
+def router_config(**parameters: str | None) -> dict:
     """sentiment-classifier-ab's configuration as a load override, with `parameters`
     replacing its own (a value of None drops the parameter)."""
-    config = {
-        "name": CLASSIFIER_AB,
-        "backend": "rust",
-        "max_batch_size": 0,
-        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [-1]}],
-        "output": [
-            {"name": "sentiment_score", "data_type": "TYPE_FP32", "dims": [-1, 3]},
-            {"name": "sentiment_label", "data_type": "TYPE_STRING", "dims": [-1]},
-        ],
-        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        "parameters": {
-            "task": {"string_value": "traffic-split"},
-            "target_model": {"string_value": "sentiment-classifier"},
-            "arms": {"string_value": "1:50,2:50"},
-        },
-    }
-    for key, value in parameters.items():
-        if value is None:
-            config["parameters"].pop(key)
-        else:
-            config["parameters"][key] = {"string_value": value}
-    return config
+    own = {"task": "traffic-split", "target_model": "sentiment-classifier", "arms": "1:50,2:50"}
+    own.update(parameters)
+    return classifier_config(
+        CLASSIFIER_AB, **{key: value for key, value in own.items() if value is not None}
+    )
 
 
 @pytest.fixture

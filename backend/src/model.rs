@@ -481,7 +481,7 @@ impl TritonResponder {
         compute_start_ns: u64,
         in_flight: InFlightGuard,
     ) -> Option<Self> {
-        match ResponseFactory::new(&request) {
+        match request.response_factory() {
             Ok(factory) => Some(TritonResponder {
                 request: Some(request),
                 factory,
@@ -492,7 +492,7 @@ impl TritonResponder {
             }),
             Err(error) => {
                 log_error!("triton-rust: cannot create a response factory: {error}");
-                let answered = Response::new(&request).and_then(|r| r.send_final(Some(error)));
+                let answered = request.response().and_then(|r| r.send_final(Some(error)));
                 match answered {
                     Ok(()) => request.mark_answered(),
                     Err(error) => log_error!("triton-rust: cannot answer a request: {error}"),
@@ -623,7 +623,10 @@ impl Drop for TritonResponder {
 /// Answers every request with `error` (when the instance itself is unusable).
 pub fn fail_all(requests: Vec<Request>, error: &Error) {
     for request in requests {
-        match Response::new(&request).and_then(|r| r.send_final(Some(error.clone()))) {
+        match request
+            .response()
+            .and_then(|r| r.send_final(Some(error.clone())))
+        {
             Ok(()) => request.mark_answered(),
             Err(send_error) => log_error!("triton-rust: cannot send a response: {send_error}"),
         }

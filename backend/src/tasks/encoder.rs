@@ -8,7 +8,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, ValueType};
 use serde::Deserialize;
 
-use super::{InstanceContext, ModelContext, Pending, fail_all, unzip_batch};
+use super::task::{InstanceContext, ModelContext, Pending, fail_all, unzip_batch};
 use crate::error::BackendError;
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};

@@ -5,7 +5,9 @@ use ndarray::{ArrayView2, ArrayView3, s};
 use super::encoder::{
     ATTENTION_MASK, EncodedRequest, Encoder, EncoderInstance, EncoderSettings, INPUT_IDS,
 };
-use super::{Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract};
+use super::task::{
+    Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
+};
 use crate::error::BackendError;
 use crate::postprocess::mean_pool_normalized;
 use crate::responder::Responder;

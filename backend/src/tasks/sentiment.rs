@@ -5,7 +5,9 @@ use std::borrow::Cow;
 use serde::{Deserialize, Deserializer};
 
 use super::encoder::{EncodedRequest, Encoder, EncoderInstance, PaddingSettings};
-use super::{Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract};
+use super::task::{
+    Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
+};
 use crate::bytes_tensor;
 use crate::error::BackendError;
 use crate::postprocess::{argmax, softmax};

@@ -4,7 +4,7 @@
 use ort::session::Session;
 use serde::Deserialize;
 
-use super::{
+use super::task::{
     Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract, fail_all,
     unzip_batch,
 };

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Deserializer};
 
-use super::{
+use super::task::{
     InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract, fail_all,
     unzip_batch,
 };
@@ -28,7 +28,7 @@ use crate::config::{ModelConfig, TensorSpec};
 use crate::error::{BackendError, ErrorCode};
 use crate::responder::{OutputWriter, Responder};
 use crate::settings::{SettingsGroup, positive_int};
-use crate::triton::{InFlight, InferenceResponse, ResponseEvent, Server};
+use crate::triton::{InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, Server};
 use crate::types::{InputTensor, MemoryUsage, ParameterValue};
 
 /// Response parameter: the arm that served the request.
@@ -277,7 +277,7 @@ impl TrafficSplit {
     fn forward(&self, pending: Pending<ForwardedRequest>, arm: Arm) -> Result<(), Unsent> {
         let Pending { request, responder } = pending;
         let builder = (|| {
-            let mut builder = self.server.request(&self.target, arm.version)?;
+            let mut builder = InferenceRequestBuilder::new(self.server, &self.target, arm.version)?;
             for (name, tensor) in request.inputs {
                 let data = tensor.data.into_owned();
                 builder.add_input(&name, tensor.datatype, &tensor.shape, data)?;

@@ -8,7 +8,10 @@ use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
-use super::{Error, Request, Result, Server, check, copy_c_str, message_json, owned_message_json};
+use super::convert::{message_json, owned_message_json};
+use super::error::{Error, Result, check, copy_c_str};
+use super::request::Request;
+use super::server::Server;
 
 /// What differs between Triton's three objects that hold a backend state.
 pub trait HandleKind {
@@ -364,6 +367,17 @@ impl<'a> InstanceHandle<'a> {
             unsafe { sys::TRITONBACKEND_ModelInstanceReportMemoryUsage(self.as_ptr(), list, count) }
         })
     }
+}
+
+/// Monotonic clock in nanoseconds, the clock Triton's statistics use.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid for writes; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// The four timestamps Triton's statistics want, from [`super::now_ns`].

@@ -43,10 +43,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use triton_sys as sys;
 
-use super::{
-    Error, ErrorCode, Result, Server, check, copy_c_str, data_type_from_raw, data_type_to_raw,
-    read_parameters,
-};
+use super::convert::{data_type_from_raw, data_type_to_raw, read_parameters};
+use super::error::{Error, Result, check, copy_c_str};
+use super::server::Server;
+use crate::error::ErrorCode;
 use crate::types::{DataType, ParameterValue};
 
 // ---------------------------------------------------------------------------------------
@@ -69,7 +69,9 @@ pub struct InferenceRequestBuilder {
 type InputBuffer = Box<dyn AsRef<[u8]> + Send>;
 
 impl InferenceRequestBuilder {
-    pub(crate) fn new(server: Server, model: &str, version: i64) -> Result<Self> {
+    /// Starts a request to `model` version `version` (`-1`: the one the version policy
+    /// picks) in `server`; fill it, then [`InferenceRequestBuilder::send`] it.
+    pub fn new(server: Server, model: &str, version: i64) -> Result<Self> {
         let c_model = c_string("model name", model)?;
         let mut raw = ptr::null_mut();
         // SAFETY: the server is live; `c_model` outlives the call (Triton copies it);

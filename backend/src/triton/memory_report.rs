@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
-use super::{Error, Result, check};
+use super::error::{Error, Result, check};
 use crate::types::{MemoryPlace, MemoryUsage};
 
 /// An owned `TRITONSERVER_BufferAttributes`, deleted on drop.

@@ -7,10 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use triton_sys as sys;
 
-use super::{
-    Error, Response, Result, c_string_lossy, check, copy_c_str, data_type_from_raw, read_bool,
-    read_parameters,
-};
+use super::convert::{data_type_from_raw, read_bool, read_parameters};
+use super::error::{Error, Result, c_string_lossy, check, copy_c_str};
+use super::response::{Response, ResponseFactory};
 use crate::types::{InputTensor, ParameterValue};
 
 /// An inference request handed to the backend by `ModelInstanceExecute`.
@@ -57,6 +56,26 @@ impl Request {
 
     pub(crate) fn as_ptr(&self) -> *mut sys::TRITONBACKEND_Request {
         self.raw.as_ptr()
+    }
+
+    /// A response made straight from the request (which must still be live when it is
+    /// sent).
+    pub fn response(&self) -> Result<Response> {
+        let mut response = ptr::null_mut();
+        // SAFETY: the request is live; `response` is a valid out-pointer and becomes ours.
+        check(unsafe { sys::TRITONBACKEND_ResponseNew(&mut response, self.raw.as_ptr()) })?;
+        // SAFETY: Triton just made this response for us.
+        unsafe { Response::wrap(response) }
+    }
+
+    /// The factory that makes this request's responses, from any thread, before or
+    /// after the request is released.
+    pub fn response_factory(&self) -> Result<ResponseFactory> {
+        let mut factory = ptr::null_mut();
+        // SAFETY: the request is live; `factory` is a valid out-pointer and becomes ours.
+        check(unsafe { sys::TRITONBACKEND_ResponseFactoryNew(&mut factory, self.raw.as_ptr()) })?;
+        // SAFETY: Triton just made this factory for us.
+        unsafe { ResponseFactory::from_raw(factory) }
     }
 
     /// Records that the request's final response was sent.
@@ -227,7 +246,7 @@ impl Drop for Request {
     fn drop(&mut self) {
         if !self.answered.load(Ordering::Acquire) {
             let error = Error::internal("the backend released this request without an answer");
-            if let Err(send_error) = Response::new(self).and_then(|r| r.send_final(Some(error))) {
+            if let Err(send_error) = self.response().and_then(|r| r.send_final(Some(error))) {
                 crate::log_error!("failed to answer a request before releasing it: {send_error}");
             }
         }

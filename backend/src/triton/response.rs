@@ -5,7 +5,8 @@ use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
-use super::{Error, Request, Result, c_string_lossy, check, data_type_to_raw, read_bool};
+use super::convert::{data_type_to_raw, read_bool};
+use super::error::{Error, Result, c_string_lossy, check};
 use crate::types::{DataType, ParameterValue};
 
 /// One response to a request: the final one or one of the pieces a decoupled model
@@ -20,24 +21,18 @@ pub struct Response {
 unsafe impl Send for Response {}
 
 impl Response {
-    /// A response made straight from the request (which must still be live when it is
-    /// sent).
-    pub fn new(request: &Request) -> Result<Self> {
-        let mut response = ptr::null_mut();
-        // SAFETY: the request is live; `response` is a valid out-pointer and becomes ours.
-        check(unsafe { sys::TRITONBACKEND_ResponseNew(&mut response, request.as_ptr()) })?;
-        Self::wrap(response)
-    }
-
     /// A response made by a request's factory (valid after the request is released).
     pub fn from_factory(factory: &ResponseFactory) -> Result<Self> {
         let mut response = ptr::null_mut();
         // SAFETY: the factory is live; `response` is a valid out-pointer and becomes ours.
         check(unsafe { sys::TRITONBACKEND_ResponseNewFromFactory(&mut response, factory.raw()) })?;
-        Self::wrap(response)
+        // SAFETY: Triton just made this response for us.
+        unsafe { Self::wrap(response) }
     }
 
-    fn wrap(raw: *mut sys::TRITONBACKEND_Response) -> Result<Self> {
+    /// # Safety
+    /// `raw` must be null or a new response the caller owns, not wrapped twice.
+    pub(super) unsafe fn wrap(raw: *mut sys::TRITONBACKEND_Response) -> Result<Self> {
         NonNull::new(raw)
             .map(|raw| Response { raw: Some(raw) })
             .ok_or_else(|| Error::internal("Triton returned a null response"))
@@ -206,11 +201,10 @@ pub struct ResponseFactory(NonNull<sys::TRITONBACKEND_ResponseFactory>);
 unsafe impl Send for ResponseFactory {}
 
 impl ResponseFactory {
-    pub fn new(request: &Request) -> Result<Self> {
-        let mut factory = ptr::null_mut();
-        // SAFETY: the request is live; `factory` is a valid out-pointer and becomes ours.
-        check(unsafe { sys::TRITONBACKEND_ResponseFactoryNew(&mut factory, request.as_ptr()) })?;
-        NonNull::new(factory)
+    /// # Safety
+    /// `raw` must be a response factory the caller owns, not wrapped twice.
+    pub(super) unsafe fn from_raw(raw: *mut sys::TRITONBACKEND_ResponseFactory) -> Result<Self> {
+        NonNull::new(raw)
             .map(ResponseFactory)
             .ok_or_else(|| Error::internal("Triton returned a null response factory"))
     }

@@ -6,8 +6,8 @@ use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
-use super::inference::InferenceRequestBuilder;
-use super::{Error, Result, check, owned_message_json, read_bool};
+use super::convert::{owned_message_json, read_bool};
+use super::error::{Error, Result, check};
 
 /// The `TRITONSERVER_Server` this backend runs in: live as long as any model is.
 #[derive(Clone, Copy)]
@@ -87,13 +87,21 @@ impl Server {
         })?;
         Ok(flags & sys::TRITONSERVER_TXN_DECOUPLED != 0)
     }
-
-    /// Starts a request to model `model` (version `-1`: the policy's pick); fill it
-    /// with the builder and send it with [`InferenceRequestBuilder::send`].
-    pub fn request(&self, model: &str, version: i64) -> Result<InferenceRequestBuilder> {
-        InferenceRequestBuilder::new(*self, model, version)
-    }
 }
+
+/// The backend API version of the running server, `(major, minor)`.
+pub fn server_api_version() -> Result<(u32, u32)> {
+    let (mut major, mut minor) = (0u32, 0u32);
+    // SAFETY: both out-pointers are valid for writes.
+    check(unsafe { sys::TRITONBACKEND_ApiVersion(&mut major, &mut minor) })?;
+    Ok((major, minor))
+}
+
+/// The backend API version these bindings were generated from.
+pub const BUILT_API_VERSION: (u32, u32) = (
+    sys::TRITONBACKEND_API_VERSION_MAJOR,
+    sys::TRITONBACKEND_API_VERSION_MINOR,
+);
 
 /// A model name as a C string; an interior NUL can name no model, so it is refused.
 fn model_name(name: &str) -> Result<CString> {
