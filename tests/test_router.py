@@ -11,6 +11,7 @@ load with a message that names the problem.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -264,3 +265,48 @@ def test_weights_change_with_a_reload(explicit_with_targets):
     # A reload with bad weights fails and the router keeps its last good weights.
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:10,2:10")).status_code == 400
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
+
+
+# --- cancellation ---------------------------------------------------------------------
+
+
+def target_failures(server) -> tuple[int, int]:
+    """Failed requests of gpt2-small's two versions, and their total duration (ns)."""
+    stats = server.get("/v2/models/gpt2-small/stats").json()["model_stats"]
+    return (
+        sum(int(s["inference_stats"]["fail"]["count"]) for s in stats),
+        sum(int(s["inference_stats"]["fail"]["ns"]) for s in stats),
+    )
+
+
+def test_a_cancelled_client_request_cancels_the_forwarded_one(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    prompts = np.array([b"Once upon a time"] * 64, dtype=object)
+    tensor = grpcclient.InferInput("text_input", [64], "BYTES")
+    tensor.set_data_from_numpy(prompts)
+    long_job = {"max_new_tokens": 120, "do_sample": True, "seed": 1}
+    try:
+        started = time.monotonic()
+        client.infer(GENERATOR_AB, [tensor], parameters=long_job)
+        full_seconds = time.monotonic() - started
+
+        failures_before, failed_ns_before = target_failures(server)
+        call = client.async_infer(
+            GENERATOR_AB, [tensor], callback=lambda result, error: None, parameters=long_job
+        )
+        time.sleep(full_seconds / 10)
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while target_failures(server)[0] == failures_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failures, failed_ns = target_failures(server)
+        assert failures == failures_before + 1, "the version that got the request cancelled it"
+        cancelled_ns = failed_ns - failed_ns_before
+        assert cancelled_ns < full_seconds * 1e9 / 2, (
+            f"the forwarded request ran {cancelled_ns / 1e9:.3f}s of a {full_seconds:.3f}s job"
+        )
+        result = client.infer(GENERATOR_AB, [tensor], parameters={"max_new_tokens": 2})
+        assert result.as_numpy("generated_text").shape == (64,)
+    finally:
+        client.close()
+    assert server.is_healthy()

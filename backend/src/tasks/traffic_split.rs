@@ -13,7 +13,8 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha8Rng;
@@ -128,6 +129,7 @@ pub struct TrafficSplit {
     config: ModelConfig,
     /// Set once the arms were found ready and serving the router's tensors.
     verified: OnceLock<()>,
+    cancel_watch: CancelWatch,
 }
 
 impl Task for TrafficSplit {
@@ -175,6 +177,7 @@ impl Task for TrafficSplit {
             arms,
             config: model.config.clone(),
             verified: OnceLock::new(),
+            cancel_watch: CancelWatch::start(),
         };
         // While the server starts up it answers no query (UNAVAILABLE): the first
         // request checks instead.
@@ -295,9 +298,12 @@ impl TrafficSplit {
             Err(error) => return Err((Some(responder), error.into())),
         };
         let responder = Arc::new(Mutex::new(Some(responder)));
+        let upstream = builder.cancel_handle();
+        self.cancel_watch
+            .watch(Arc::downgrade(&responder), upstream.clone());
         let relay = Relay {
             responder: Arc::clone(&responder),
-            upstream: builder.cancel_handle(),
+            upstream,
             arm,
         };
         builder
@@ -316,8 +322,7 @@ impl TrafficSplit {
 
 /// Passes the target's responses on to the client.
 struct Relay {
-    /// Taken once the client's request is answered.
-    responder: Arc<Mutex<Option<Box<dyn Responder>>>>,
+    responder: Arc<ResponderSlot>,
     /// Cancels the forwarded request when the client cancels.
     upstream: InFlight,
     arm: Arm,
@@ -332,10 +337,6 @@ impl Relay {
         let Some(responder) = slot.as_mut() else {
             return;
         };
-        if responder.is_cancelled() {
-            // Best effort: the target may finish anyway, and its answer is relayed.
-            let _ignored = self.upstream.cancel();
-        }
         let done = match event {
             ResponseEvent::Final => {
                 responder.end();
@@ -389,6 +390,95 @@ impl Relay {
             VERSION_PARAMETER,
             &ParameterValue::String(self.arm.version.to_string()),
         )
+    }
+}
+
+/// Who answers a client's request that was forwarded: taken once it is answered.
+type ResponderSlot = Mutex<Option<Box<dyn Responder>>>;
+
+/// Cancels forwarded requests whose client went away or cancelled. Triton tells a
+/// backend about a cancellation only when asked, and the relay is only called when the
+/// target answers, so a thread asks every few milliseconds while requests are in flight
+/// (and sleeps otherwise).
+struct CancelWatch {
+    shared: Arc<(Mutex<Watched>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Watched {
+    requests: Vec<(Weak<ResponderSlot>, InFlight)>,
+    /// The router is going away.
+    stop: bool,
+}
+
+/// How often a client's cancellation is looked for.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+
+impl CancelWatch {
+    fn start() -> Self {
+        let shared = Arc::new((Mutex::new(Watched::default()), Condvar::new()));
+        let watched = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("router-cancel".into())
+            .spawn(move || Self::run(&watched))
+            .ok();
+        CancelWatch { shared, thread }
+    }
+
+    /// Watches a client's request until it is answered.
+    fn watch(&self, responder: Weak<ResponderSlot>, upstream: InFlight) {
+        let (watched, wake) = &*self.shared;
+        watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .requests
+            .push((responder, upstream));
+        wake.notify_one();
+    }
+
+    fn run(shared: &(Mutex<Watched>, Condvar)) {
+        let (watched, wake) = shared;
+        let mut state = watched.lock().unwrap_or_else(PoisonError::into_inner);
+        while !state.stop {
+            if state.requests.is_empty() {
+                state = wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            state.requests.retain(|(responder, upstream)| {
+                let Some(responder) = responder.upgrade() else {
+                    return false;
+                };
+                // A relay busy with this request is asked again next time.
+                let Ok(slot) = responder.try_lock() else {
+                    return true;
+                };
+                match slot.as_ref() {
+                    None => false,
+                    Some(client) if client.is_cancelled() => {
+                        // Best effort: the target may finish anyway, and its answer is relayed.
+                        let _ignored = upstream.cancel();
+                        false
+                    }
+                    Some(_) => true,
+                }
+            });
+            state = wake
+                .wait_timeout(state, CANCEL_POLL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        let (watched, wake) = &*self.shared;
+        watched.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _finished = thread.join();
+        }
     }
 }
 
