@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::BackendError;
 use crate::onnx::{Device, OnnxRuntimeLibrary};
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
-use crate::settings::{self, KnownParameters, Settings};
+use crate::settings;
 use crate::tasks::{self, InstanceContext, ModelContext, Pending, RequestData, Task, TaskVisitor};
 use crate::triton::{
     BackendHandle, Error, ErrorCode, ExecutionTimes, InstanceHandle, InstanceKind, ModelHandle,
@@ -171,16 +171,7 @@ impl TaskVisitor for Loader<'_> {
 
     fn visit<T: Task>(self) -> Self::Output {
         let config = self.context.config;
-        let known = KnownParameters {
-            task: T::NAME,
-            names: T::Settings::names(),
-        };
-        let others: Vec<KnownParameters> = tasks::known_parameters()
-            .into_iter()
-            .filter(|other| other.task != T::NAME)
-            .collect();
-        settings::refuse_unknown(&config.parameters, &known, &others)?;
-        let settings = T::Settings::parse(&config.parameters)?;
+        let settings = tasks::parse_settings::<T>(&config.parameters)?;
         if let Some(contract) = T::contract(config.decoupled()) {
             contract.check(config, T::NAME)?;
         }

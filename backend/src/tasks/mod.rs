@@ -17,7 +17,10 @@ pub use task::{
     unzip_batch,
 };
 
-use crate::settings::{KnownParameters, Settings};
+use std::collections::BTreeMap;
+
+use crate::error::BackendError;
+use crate::settings::{self, KnownParameters, Settings};
 
 /// Does something with the task type a model names (`model.rs` loads it).
 pub trait TaskVisitor {
@@ -60,4 +63,95 @@ pub fn task_names() -> String {
         .map(|known| format!("'{}'", known.task))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Task `T`'s settings from a model's `parameters`: a parameter `T` does not read fails
+/// (named as another task's when one reads it), as does a bad value.
+pub fn parse_settings<T: Task>(
+    parameters: &BTreeMap<String, String>,
+) -> Result<T::Settings, BackendError> {
+    let known = KnownParameters {
+        task: T::NAME,
+        names: T::Settings::names(),
+    };
+    let others: Vec<KnownParameters> = known_parameters()
+        .into_iter()
+        .filter(|other| other.task != T::NAME)
+        .collect();
+    settings::refuse_unknown(parameters, &known, &others)?;
+    T::Settings::parse(parameters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use feature_extraction::FeatureExtraction;
+    use sentiment::SentimentClassifier;
+
+    fn parameters(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn rejects_bad_parameters_by_name() {
+        type Parse = fn(&BTreeMap<String, String>) -> Result<(), BackendError>;
+        type Case<'a> = (Parse, &'a [(&'a str, &'a str)], &'a str);
+        let classifier: Parse = |p| parse_settings::<SentimentClassifier>(p).map(|_| ());
+        let encoder: Parse = |p| parse_settings::<FeatureExtraction>(p).map(|_| ());
+        let cases: &[Case<'_>] = &[
+            (
+                encoder,
+                &[("max_sequence_length", "0")],
+                "'max_sequence_length' must be a positive integer",
+            ),
+            (
+                encoder,
+                &[("intra_op_thread_count", "x")],
+                "'intra_op_thread_count' must be a positive integer",
+            ),
+            (encoder, &[("labels", "a,b")], "'labels' only applies"),
+            (classifier, &[("labels", "a,,b")], "non-empty names"),
+            (
+                classifier,
+                &[("max_seq_len", "8")],
+                "unknown parameter 'max_seq_len'",
+            ),
+            (
+                encoder,
+                &[("temperature", "0.5")],
+                "'temperature' only applies to task 'text-generation'",
+            ),
+            (classifier, &[("pad_token", "")], "'pad_token' is empty"),
+        ];
+        for (parse, pairs, expected) in cases {
+            let mut pairs = parameters(pairs);
+            pairs.insert("task".into(), "ignored here".into());
+            let error = parse(&pairs).unwrap_err().to_string();
+            assert!(
+                error.contains(expected),
+                "{error} should contain {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_come_typed_with_their_defaults() {
+        let (session, text, padding, labels) =
+            parse_settings::<SentimentClassifier>(&parameters(&[
+                ("labels", "negative, neutral,positive"),
+                ("intra_op_thread_count", "2"),
+            ]))
+            .expect("valid parameters");
+        assert_eq!(
+            labels.labels,
+            Some(vec!["negative".into(), "neutral".into(), "positive".into()])
+        );
+        assert_eq!(session.intra_op_thread_count, 2);
+        assert_eq!(session.inter_op_thread_count, 1);
+        assert_eq!(text.max_sequence_length, None);
+        assert_eq!(padding.pad_token, None);
+    }
 }
