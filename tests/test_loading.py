@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -262,6 +263,23 @@ def test_config_override_with_bad_parameter_fails(explicit_server):
     assert_load_fails(
         explicit_server, OVERRIDE_MODEL, "unknown parameter 'max_seq_len'", config=config
     )
+
+
+def test_config_override_with_huge_thread_count_fails_fast(explicit_server):
+    """intra_op_thread_count "100000" once hung the load for minutes while memory grew
+    to gigabytes; every number a configuration sets is bounded now."""
+    config = classifier_config(
+        OVERRIDE_MODEL, task="sentiment-classifier", intra_op_thread_count="100000"
+    )
+    started = time.monotonic()
+    assert_load_fails(
+        explicit_server,
+        OVERRIDE_MODEL,
+        "parameter 'intra_op_thread_count' must be at most",
+        config=config,
+    )
+    assert time.monotonic() - started < 10
+    assert explicit_server.get("/v2/health/live").status_code == 200
 
 
 def test_config_override_applies(explicit_server):

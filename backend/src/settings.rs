@@ -91,22 +91,37 @@ pub fn refuse_unknown(
     )))
 }
 
-/// Reads a positive integer parameter (written as a string in `config.pbtxt`).
-pub fn positive_int<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+/// Reads a positive integer parameter (written as a string in `config.pbtxt`) of at
+/// most `MAX`: every number a configuration can ask for is bounded.
+pub fn positive_at_most<'de, const MAX: usize, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<usize, D::Error> {
     let text = String::deserialize(deserializer)?;
-    match text.trim().parse::<usize>() {
-        Ok(value) if value > 0 => Ok(value),
-        _ => Err(serde::de::Error::custom(format!(
-            "must be a positive integer, got '{text}'"
-        ))),
-    }
+    bounded_positive(&text, MAX, "").map_err(serde::de::Error::custom)
 }
 
-/// [`positive_int`] for a parameter without a default.
-pub fn optional_positive_int<'de, D: Deserializer<'de>>(
+/// [`positive_at_most`] for a parameter without a default.
+pub fn optional_positive_at_most<'de, const MAX: usize, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<usize>, D::Error> {
-    positive_int(deserializer).map(Some)
+    positive_at_most::<MAX, D>(deserializer).map(Some)
+}
+
+/// Threads per session: at most 4 per core of this machine (more only costs memory and
+/// start-up time; ONNX Runtime allocates per thread).
+pub fn thread_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let why = format!(" (4 per core, {cores} cores here)");
+    bounded_positive(&text, 4 * cores, &why).map_err(serde::de::Error::custom)
+}
+
+fn bounded_positive(text: &str, max: usize, why: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(value) if value > 0 && value <= max => Ok(value),
+        Ok(value) if value > max => Err(format!("must be at most {max}{why}, got '{text}'")),
+        _ => Err(format!("must be a positive integer, got '{text}'")),
+    }
 }
 
 /// Reads `true` or `false`.
@@ -137,9 +152,9 @@ fn one() -> usize {
 /// Threads of the ONNX Runtime session of each instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct SessionSettings {
-    #[serde(default = "one", deserialize_with = "positive_int")]
+    #[serde(default = "one", deserialize_with = "thread_count")]
     pub intra_op_thread_count: usize,
-    #[serde(default = "one", deserialize_with = "positive_int")]
+    #[serde(default = "one", deserialize_with = "thread_count")]
     pub inter_op_thread_count: usize,
 }
 
@@ -148,6 +163,10 @@ impl SettingsGroup for SessionSettings {}
 /// The default of `max_text_bytes`: far above any text a model's context can hold,
 /// low enough that tokenizing an abusive request cannot stall an instance for long.
 pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
+/// The most `max_text_bytes` may be.
+const MAX_TEXT_BYTES: usize = 64 << 20;
+/// The most `max_sequence_length` may be (the model's own table is checked at load).
+const MAX_SEQUENCE_LENGTH: usize = 1 << 20;
 
 fn default_max_text_bytes() -> usize {
     DEFAULT_MAX_TEXT_BYTES
@@ -157,10 +176,16 @@ fn default_max_text_bytes() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct TextSettings {
     /// Tokens per text, special tokens included; longer texts are truncated.
-    #[serde(default, deserialize_with = "optional_positive_int")]
+    #[serde(
+        default,
+        deserialize_with = "optional_positive_at_most::<MAX_SEQUENCE_LENGTH, _>"
+    )]
     pub max_sequence_length: Option<usize>,
     /// UTF-8 bytes per text at most; longer texts are refused before tokenization.
-    #[serde(default = "default_max_text_bytes", deserialize_with = "positive_int")]
+    #[serde(
+        default = "default_max_text_bytes",
+        deserialize_with = "positive_at_most::<MAX_TEXT_BYTES, _>"
+    )]
     pub max_text_bytes: usize,
 }
 
@@ -205,6 +230,48 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn numbers_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let too_many = (4 * cores + 1).to_string();
+        for (key, value, expected) in [
+            (
+                "intra_op_thread_count",
+                "100000",
+                format!("must be at most {} (4 per core", 4 * cores),
+            ),
+            (
+                "inter_op_thread_count",
+                too_many.as_str(),
+                "must be at most".into(),
+            ),
+            (
+                "max_text_bytes",
+                "67108865",
+                "must be at most 67108864".into(),
+            ),
+            (
+                "max_sequence_length",
+                "1000000000000",
+                "must be at most 1048576".into(),
+            ),
+        ] {
+            let error = <(SessionSettings, TextSettings)>::parse(&parameters(&[(key, value)]))
+                .expect_err(key)
+                .to_string();
+            assert!(
+                error.contains(&format!("parameter '{key}' {expected}")),
+                "{error}"
+            );
+        }
+        let (session, _) = <(SessionSettings, TextSettings)>::parse(&parameters(&[(
+            "intra_op_thread_count",
+            &(4 * cores).to_string(),
+        )]))
+        .expect("4 per core is allowed");
+        assert_eq!(session.intra_op_thread_count, 4 * cores);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::memory;
 use crate::onnx::{Device, OnnxModel};
 use crate::responder::{Responder, respond_with};
 use crate::settings::{
-    SessionSettings, SettingsGroup, TextSettings, flag, non_empty, positive_int,
+    SessionSettings, SettingsGroup, TextSettings, flag, non_empty, positive_at_most,
 };
 use crate::text::TEXT_INPUT;
 use crate::tokenize::{DEFAULT_MAX_SEQUENCE_LENGTH, TOKENIZER_FILE, load_tokenizer};
@@ -68,7 +68,10 @@ pub struct DecoderSettings {
     #[serde(default, deserialize_with = "non_empty")]
     pub eos_token: Option<String>,
     /// How many prompts one request may hold (each costs its own KV cache).
-    #[serde(default = "default_max_prompts", deserialize_with = "positive_int")]
+    #[serde(
+        default = "default_max_prompts",
+        deserialize_with = "positive_at_most::<4096, _>"
+    )]
     pub max_prompts_per_request: usize,
     /// "false" re-runs the whole sequence at every step (a baseline).
     #[serde(default = "enabled", deserialize_with = "flag")]

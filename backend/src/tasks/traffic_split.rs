@@ -28,7 +28,7 @@ use super::task::{
 use crate::config::{ModelConfig, TensorSpec};
 use crate::error::{BackendError, ErrorCode};
 use crate::responder::{OutputWriter, Responder};
-use crate::settings::{SettingsGroup, positive_int};
+use crate::settings::{SettingsGroup, positive_at_most};
 use crate::triton::{InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, Server};
 use crate::types::{InputTensor, MemoryUsage, ParameterValue};
 
@@ -107,7 +107,10 @@ pub struct RouterSettings {
     pub arms: Option<Vec<Arm>>,
     /// How long a load waits for the target's versions to be ready (the server may
     /// load the router and its target at the same time).
-    #[serde(default = "default_ready_timeout", deserialize_with = "positive_int")]
+    #[serde(
+        default = "default_ready_timeout",
+        deserialize_with = "positive_at_most::<600, _>"
+    )]
     pub target_ready_timeout_s: usize,
 }
 
