@@ -48,15 +48,6 @@ impl From<BackendError> for Error {
     }
 }
 
-impl From<Error> for BackendError {
-    fn from(error: Error) -> Self {
-        BackendError::Relayed {
-            code: error.code,
-            message: error.message,
-        }
-    }
-}
-
 /// Process-wide backend state: where ONNX Runtime comes from.
 pub struct BackendState {
     pub onnxruntime: OnnxRuntimeLibrary,
@@ -354,7 +345,7 @@ impl<T: Task> LoadedInstance for TaskInstance<T> {
         let mut failed = Vec::new();
         for request in requests {
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let data = read_request(&request).map_err(BackendError::from)?;
+                let data = read_request(&request).map_err(Error::relayed)?;
                 self.task.prepare(data)
             }))
             .unwrap_or_else(|panic| {
@@ -454,11 +445,13 @@ impl OutputWriter for ResponseOutputs<'_> {
         shape: &[i64],
         byte_size: usize,
     ) -> Result<&mut [u8], BackendError> {
-        Ok(self.0.output(name, datatype, shape, byte_size)?)
+        self.0
+            .output(name, datatype, shape, byte_size)
+            .map_err(Error::relayed)
     }
 
     fn parameter(&mut self, key: &str, value: &ParameterValue) -> Result<(), BackendError> {
-        Ok(self.0.set_parameter(key, value)?)
+        self.0.set_parameter(key, value).map_err(Error::relayed)
     }
 }
 
@@ -540,13 +533,13 @@ impl Responder for TritonResponder {
                 "the request already has its final response",
             ));
         }
-        let mut response = Response::from_factory(&self.factory)?;
+        let mut response = Response::from_factory(&self.factory).map_err(Error::relayed)?;
         let written = write(&mut ResponseOutputs(&mut response));
         if !last {
             written?;
             return response.send_partial().map_err(|error| {
                 log_error!("triton-rust: cannot stream a response: {error}");
-                BackendError::from(error)
+                error.relayed()
             });
         }
         let error = if self.is_cancelled() {

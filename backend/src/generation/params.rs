@@ -40,6 +40,10 @@ impl Default for GenerationParams {
     }
 }
 
+/// The lowest temperature: below it the logits divided by it overflow `f32` (a
+/// temperature of 1e-38 gave garbage text); it is greedy decoding in all but name.
+pub const MIN_TEMPERATURE: f32 = 1e-4;
+
 /// Names of the generation settings, in config parameters and request parameters.
 pub const GENERATION_PARAMETERS: &[&str] = &[
     "max_new_tokens",
@@ -151,9 +155,10 @@ impl GenerationParams {
                 self.max_new_tokens
             ));
         }
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+        if !(self.temperature >= MIN_TEMPERATURE && self.temperature.is_finite()) {
             return bad(format!(
-                "parameter 'temperature' must be a number > 0, got {}",
+                "parameter 'temperature' must be a number > 0, at least {MIN_TEMPERATURE} (send \
+                 do_sample=false for greedy decoding), got {}",
                 self.temperature
             ));
         }
@@ -277,6 +282,16 @@ mod tests {
                 "temperature",
                 ParameterValue::Double(f64::NAN),
                 "'temperature' must be a number > 0",
+            ),
+            (
+                "temperature",
+                ParameterValue::Double(1e-38),
+                "at least 0.0001 (send do_sample=false for greedy decoding), got 0.00000",
+            ),
+            (
+                "temperature",
+                ParameterValue::Double(1e-45),
+                "'temperature' must be a number > 0, at least 0.0001",
             ),
             (
                 "top_p",

@@ -200,6 +200,16 @@ impl FeatureExtraction {
                 "'attention_mask' must hold only 0 and 1".into(),
             ));
         }
+        // A row that attends to nothing has no embedding (its mean is 0/0).
+        if let Some(row) = mask_values
+            .chunks(sequence)
+            .position(|row| !row.contains(&1))
+        {
+            return Err(BackendError::InvalidInput(format!(
+                "'attention_mask' row {row} is all zeros: every sequence needs at least one \
+                 token to attend to"
+            )));
+        }
         let rows = id_values
             .chunks(sequence)
             .zip(mask_values.chunks(sequence))

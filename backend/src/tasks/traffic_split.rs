@@ -29,7 +29,9 @@ use crate::config::{ModelConfig, TensorSpec};
 use crate::error::{BackendError, ErrorCode};
 use crate::responder::{OutputWriter, Responder};
 use crate::settings::{SettingsGroup, positive_at_most};
-use crate::triton::{InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, Server};
+use crate::triton::{
+    Error, InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, Server,
+};
 use crate::types::{InputTensor, MemoryUsage, ParameterValue};
 
 /// Response parameter: the arm that served the request.
@@ -265,7 +267,7 @@ impl TrafficSplit {
             let json = self
                 .server
                 .model_config_json(target, arm.version)
-                .map_err(BackendError::from)?;
+                .map_err(Error::relayed)?;
             check_same_tensors(&self.config, &ModelConfig::from_json(&json)?).map_err(
                 |problem| {
                     BackendError::Config(format!(
@@ -294,11 +296,11 @@ impl TrafficSplit {
             for name in &request.outputs {
                 builder.add_requested_output(name)?;
             }
-            Ok::<_, crate::triton::Error>(builder)
+            Ok::<_, Error>(builder)
         })();
         let builder = match builder {
             Ok(builder) => builder,
-            Err(error) => return Err((Some(responder), error.into())),
+            Err(error) => return Err((Some(responder), error.relayed())),
         };
         let responder = Arc::new(Mutex::new(Some(responder)));
         let upstream = builder.cancel_handle();
@@ -317,7 +319,7 @@ impl TrafficSplit {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
-                (responder, BackendError::from(error))
+                (responder, error.relayed())
             })
             .map(|_in_flight| ())
     }
@@ -348,7 +350,7 @@ impl Relay {
             ResponseEvent::Response(response) => {
                 let last = response.is_final();
                 if let Some(error) = response.error() {
-                    responder.fail(&BackendError::from(error));
+                    responder.fail(&error.relayed());
                     true
                 } else {
                     let sent = responder.respond(last, &mut |writer| self.copy(&response, writer));
@@ -375,7 +377,7 @@ impl Relay {
         response: &InferenceResponse,
         writer: &mut dyn OutputWriter,
     ) -> Result<(), BackendError> {
-        for output in response.outputs()? {
+        for output in response.outputs().map_err(Error::relayed)? {
             writer
                 .buffer(
                     &output.name,
@@ -385,7 +387,7 @@ impl Relay {
                 )?
                 .copy_from_slice(output.data);
         }
-        for (key, value) in response.parameters()? {
+        for (key, value) in response.parameters().map_err(Error::relayed)? {
             writer.parameter(&key, &value)?;
         }
         writer.parameter(ARM_PARAMETER, &ParameterValue::String(self.arm.name()))?;

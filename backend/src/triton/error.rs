@@ -6,33 +6,33 @@ use std::ptr::NonNull;
 
 use triton_sys as sys;
 
-use crate::error::ErrorCode;
+use crate::error::{BackendError, ErrorCode};
 
-impl ErrorCode {
-    fn to_raw(self) -> sys::TRITONSERVER_Error_Code {
-        match self {
-            ErrorCode::Unknown => sys::TRITONSERVER_ERROR_UNKNOWN,
-            ErrorCode::Internal => sys::TRITONSERVER_ERROR_INTERNAL,
-            ErrorCode::NotFound => sys::TRITONSERVER_ERROR_NOT_FOUND,
-            ErrorCode::InvalidArg => sys::TRITONSERVER_ERROR_INVALID_ARG,
-            ErrorCode::Unavailable => sys::TRITONSERVER_ERROR_UNAVAILABLE,
-            ErrorCode::Unsupported => sys::TRITONSERVER_ERROR_UNSUPPORTED,
-            ErrorCode::AlreadyExists => sys::TRITONSERVER_ERROR_ALREADY_EXISTS,
-            ErrorCode::Cancelled => sys::TRITONSERVER_ERROR_CANCELLED,
-        }
+/// Triton's value for `code`.
+fn error_code_to_raw(code: ErrorCode) -> sys::TRITONSERVER_Error_Code {
+    match code {
+        ErrorCode::Unknown => sys::TRITONSERVER_ERROR_UNKNOWN,
+        ErrorCode::Internal => sys::TRITONSERVER_ERROR_INTERNAL,
+        ErrorCode::NotFound => sys::TRITONSERVER_ERROR_NOT_FOUND,
+        ErrorCode::InvalidArg => sys::TRITONSERVER_ERROR_INVALID_ARG,
+        ErrorCode::Unavailable => sys::TRITONSERVER_ERROR_UNAVAILABLE,
+        ErrorCode::Unsupported => sys::TRITONSERVER_ERROR_UNSUPPORTED,
+        ErrorCode::AlreadyExists => sys::TRITONSERVER_ERROR_ALREADY_EXISTS,
+        ErrorCode::Cancelled => sys::TRITONSERVER_ERROR_CANCELLED,
     }
+}
 
-    pub(super) fn from_raw(code: sys::TRITONSERVER_Error_Code) -> Self {
-        match code {
-            sys::TRITONSERVER_ERROR_INTERNAL => ErrorCode::Internal,
-            sys::TRITONSERVER_ERROR_NOT_FOUND => ErrorCode::NotFound,
-            sys::TRITONSERVER_ERROR_INVALID_ARG => ErrorCode::InvalidArg,
-            sys::TRITONSERVER_ERROR_UNAVAILABLE => ErrorCode::Unavailable,
-            sys::TRITONSERVER_ERROR_UNSUPPORTED => ErrorCode::Unsupported,
-            sys::TRITONSERVER_ERROR_ALREADY_EXISTS => ErrorCode::AlreadyExists,
-            sys::TRITONSERVER_ERROR_CANCELLED => ErrorCode::Cancelled,
-            _ => ErrorCode::Unknown,
-        }
+/// The code Triton names by `code` (an unknown value is `Unknown`).
+pub(super) fn error_code_from_raw(code: sys::TRITONSERVER_Error_Code) -> ErrorCode {
+    match code {
+        sys::TRITONSERVER_ERROR_INTERNAL => ErrorCode::Internal,
+        sys::TRITONSERVER_ERROR_NOT_FOUND => ErrorCode::NotFound,
+        sys::TRITONSERVER_ERROR_INVALID_ARG => ErrorCode::InvalidArg,
+        sys::TRITONSERVER_ERROR_UNAVAILABLE => ErrorCode::Unavailable,
+        sys::TRITONSERVER_ERROR_UNSUPPORTED => ErrorCode::Unsupported,
+        sys::TRITONSERVER_ERROR_ALREADY_EXISTS => ErrorCode::AlreadyExists,
+        sys::TRITONSERVER_ERROR_CANCELLED => ErrorCode::Cancelled,
+        _ => ErrorCode::Unknown,
     }
 }
 
@@ -68,7 +68,18 @@ impl Error {
     pub fn into_raw(self) -> *mut sys::TRITONSERVER_Error {
         let message = c_string_lossy(&self.message);
         // SAFETY: ErrorNew copies the NUL-terminated message; the result is owned by the caller.
-        unsafe { sys::TRITONSERVER_ErrorNew(self.code.to_raw(), message.as_ptr()) }
+        unsafe { sys::TRITONSERVER_ErrorNew(error_code_to_raw(self.code), message.as_ptr()) }
+    }
+}
+
+impl Error {
+    /// This error as the model logic's, keeping its code (e.g. another model's answer
+    /// passed on to a client).
+    pub fn relayed(self) -> BackendError {
+        BackendError::Relayed {
+            code: self.code,
+            message: self.message,
+        }
     }
 }
 
@@ -95,7 +106,7 @@ pub(crate) fn check(raw: *mut sys::TRITONSERVER_Error) -> Result<()> {
     // SAFETY: `raw` is a live error just returned by Triton and owned by us; the message
     // is copied before the error is deleted exactly once.
     unsafe {
-        let code = ErrorCode::from_raw(sys::TRITONSERVER_ErrorCode(raw.as_ptr()));
+        let code = error_code_from_raw(sys::TRITONSERVER_ErrorCode(raw.as_ptr()));
         let message_ptr = sys::TRITONSERVER_ErrorMessage(raw.as_ptr());
         let message = if message_ptr.is_null() {
             String::from("(no message)")

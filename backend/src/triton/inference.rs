@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use triton_sys as sys;
 
 use super::convert::{data_type_from_raw, data_type_to_raw, read_parameters};
-use super::error::{Error, Result, check, copy_c_str};
+use super::error::{Error, Result, check, copy_c_str, error_code_from_raw};
 use super::server::Server;
 use crate::error::ErrorCode;
 use crate::types::{DataType, ParameterValue};
@@ -864,7 +864,7 @@ impl InferenceResponse {
                 copy_c_str(sys::TRITONSERVER_ErrorMessage(raw.as_ptr())),
             )
         };
-        Some(Error::new(ErrorCode::from_raw(code), message))
+        Some(Error::new(error_code_from_raw(code), message))
     }
 
     /// The model and version that made the response.
