@@ -4,6 +4,9 @@ the server keeps serving."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from conftest import assert_error, infer, int64_input, outputs_by_name, text_input
@@ -60,3 +63,56 @@ def test_an_all_zero_attention_mask_row_is_refused(server):
         values = embedding["data"][row * width : (row + 1) * width]
         assert abs(sum(v * v for v in values) - 1.0) < 1e-4, "unit length, as documented"
     assert server.is_healthy()
+
+
+def resident_mib(server) -> float:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+@pytest.mark.parametrize("model", ["sentiment-classifier", "bert-base"])
+def test_a_request_of_100000_texts_is_refused_before_it_costs_memory(server, model):
+    """100,000 tiny texts once took the server from 82 MB to 1.15 GB (sentiment) and
+    5.1 GB (bert-base, a 636 MB response), and the memory stayed taken."""
+    before = resident_mib(server)
+    for _ in range(3):
+        response = infer(server, model, [text_input(["a"] * 100_000)])
+        assert_error(
+            response,
+            "the request holds 100000 texts; this model takes at most 256 per request",
+            "max_texts_per_request",
+        )
+    assert resident_mib(server) - before < 100, (before, resident_mib(server))
+    at_the_limit = infer(server, model, [text_input(["a"] * 256)])
+    assert at_the_limit.status_code == 200, at_the_limit.text[:500]
+    assert server.is_healthy()
+
+
+def test_token_ids_count_as_sequences_too(server):
+    rows = [[101, 1000, 102]] * 257
+    response = infer(
+        server,
+        "bert-base",
+        [int64_input("input_ids", rows), int64_input("attention_mask", [[1, 1, 1]] * 257)],
+    )
+    assert_error(response, "holds 257 sequences of 'input_ids'", "max_texts_per_request")
+
+
+def test_a_stop_string_that_starts_with_a_bracket_is_a_string(server):
+    """`"stop": "[INST]"` (a chat-template marker) was refused as a malformed JSON list."""
+    body = {
+        "inputs": [text_input(["The weather today is"])],
+        "parameters": {"do_sample": False, "max_new_tokens": 12},
+    }
+    plain = server.post("/v2/models/gpt2-small/infer", body)
+    assert plain.status_code == 200, plain.text
+    for marker in ["[INST]", "[1,2]", "[/INST]"]:
+        body["parameters"]["stop"] = marker
+        response = server.post("/v2/models/gpt2-small/infer", body)
+        assert response.status_code == 200, (marker, response.text)
+        assert response.json()["outputs"] == plain.json()["outputs"], marker
+    body["parameters"] = {"do_sample": False, "max_new_tokens": 12, "stop_sequences": "[INST]"}
+    assert_error(
+        server.post("/v2/models/gpt2-small/infer", body),
+        "'stop_sequences' must be a JSON list of strings",
+    )

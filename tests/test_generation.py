@@ -382,11 +382,13 @@ def test_stop_list(server, version):
         words = stop_words(ref)
         stops = [words[2], words[1], "\n"]  # cut before whichever comes first
         expected = ref["prompt"] + cut(ref["new_text"], stops)
-        (text,) = generate(server, [ref["prompt"]], version, stop=json.dumps(stops), **GREEDY)
+        (text,) = generate(
+            server, [ref["prompt"]], version, stop_sequences=json.dumps(stops), **GREEDY
+        )
         assert text == expected, (ref["prompt"], stops)
         # A one-element list is the plain string.
         one = json.dumps([words[1]])
-        (single,) = generate(server, [ref["prompt"]], version, stop=one, **GREEDY)
+        (single,) = generate(server, [ref["prompt"]], version, stop_sequences=one, **GREEDY)
         assert single == ref["prompt"] + cut(ref["new_text"], [words[1]])
 
 
@@ -394,10 +396,13 @@ def test_stop_applies_to_each_row_and_only_to_new_text(server):
     refs = cases("2")
     prompts = [ref["prompt"] for ref in refs]
     # Never generated: the outputs are whole (a stop inside a prompt does not cut it).
-    for stop in ("\n", "Zebra", "Hello", json.dumps(["The", "time"])):
+    for stop in ("\n", "Zebra", "Hello"):
         assert generate(server, prompts, "2", stop=stop, **GREEDY) == [
             expected_text(ref) for ref in refs
         ], stop
+    assert generate(
+        server, prompts, "2", stop_sequences=json.dumps(["The", "time"]), **GREEDY
+    ) == [expected_text(ref) for ref in refs]
     stop = stop_words(refs[0])[1]
     expected = [ref["prompt"] + cut(ref["new_text"], [stop]) for ref in refs]
     assert generate(server, prompts, "2", stop=stop, **GREEDY) == expected
@@ -423,12 +428,13 @@ INVALID_PARAMETERS = {
     "repetition-penalty-negative": ({"repetition_penalty": -1.2}, "repetition_penalty"),
     "do-sample-number": ({"do_sample": 1}, "do_sample"),
     "do-sample-word": ({"do_sample": "yes"}, "do_sample"),
-    "stop-list-of-numbers": ({"stop": "[1,2]"}, "stop"),
+    "stop-list-of-numbers": ({"stop_sequences": "[1,2]"}, "stop_sequences"),
     "stop-number": ({"stop": 7}, "stop"),
     "stop-empty": ({"stop": ""}, "stop"),
-    "stop-bad-json": ({"stop": '["\\n", '}, "stop"),
+    "stop-bad-json": ({"stop_sequences": '["\\n", '}, "stop_sequences"),
     "stop-too-long": ({"stop": "x" * 257}, "stop"),
-    "stop-too-many": ({"stop": json.dumps([str(i) for i in range(17)])}, "stop"),
+    "stop-too-many": ({"stop_sequences": json.dumps([str(i) for i in range(17)])}, "stop_sequences"),
+    "stop-both-forms": ({"stop": "a", "stop_sequences": '["b"]'}, "stop_sequences"),
 }
 
 
@@ -443,7 +449,10 @@ def test_invalid_parameter(server, case):
 
 
 def test_invalid_parameter_over_grpc(clients):
-    for parameters, name in [({"temperature": -0.5}, "temperature"), ({"stop": "[1,2]"}, "stop")]:
+    for parameters, name in [
+        ({"temperature": -0.5}, "temperature"),
+        ({"stop_sequences": "[1,2]"}, "stop_sequences"),
+    ]:
         with pytest.raises(InferenceServerException) as raised:
             clients.generate("grpc", ["Hello"], "2", **parameters)
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.status()

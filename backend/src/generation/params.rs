@@ -54,6 +54,7 @@ pub const GENERATION_PARAMETERS: &[&str] = &[
     "seed",
     "repetition_penalty",
     "stop",
+    "stop_sequences",
 ];
 
 fn invalid(key: &str, expected: &str, value: &ParameterValue) -> BackendError {
@@ -90,28 +91,46 @@ pub(super) fn as_bool(key: &str, value: &ParameterValue) -> Result<bool, Backend
     }
 }
 
-/// `stop` is one string, or a JSON list of strings (request parameters are scalars).
+/// `stop`: one stop string, taken as it is (`"[INST]"` is a string, not a list).
+fn as_stop_string(value: &ParameterValue) -> Result<Vec<String>, BackendError> {
+    let ParameterValue::String(text) = value else {
+        return Err(invalid(STOP, "a string", value));
+    };
+    checked_stops(STOP, vec![text.clone()], value)
+}
+
+/// `stop_sequences`: several stop strings, as a JSON list of strings (request
+/// parameters are scalars, so the list travels as one string).
 fn as_stop_list(value: &ParameterValue) -> Result<Vec<String>, BackendError> {
     let ParameterValue::String(text) = value else {
-        return Err(invalid("stop", "a string or a JSON list of strings", value));
+        return Err(invalid(STOP_SEQUENCES, "a JSON list of strings", value));
     };
-    let list = if text.trim_start().starts_with('[') {
-        serde_json::from_str::<Vec<String>>(text)
-            .map_err(|_| invalid("stop", "a string or a JSON list of strings", value))?
-    } else {
-        vec![text.clone()]
-    };
+    let list = serde_json::from_str::<Vec<String>>(text)
+        .map_err(|_| invalid(STOP_SEQUENCES, "a JSON list of strings", value))?;
+    checked_stops(STOP_SEQUENCES, list, value)
+}
+
+fn checked_stops(
+    key: &str,
+    list: Vec<String>,
+    value: &ParameterValue,
+) -> Result<Vec<String>, BackendError> {
     if list.iter().any(String::is_empty) {
-        return Err(invalid("stop", "non-empty strings", value));
+        return Err(invalid(key, "non-empty strings", value));
     }
     if list.len() > MAX_STOP_STRINGS || list.iter().any(|s| s.len() > MAX_STOP_BYTES) {
         return Err(BackendError::InvalidInput(format!(
-            "parameter 'stop' takes at most {MAX_STOP_STRINGS} strings of at most \
+            "parameter '{key}' takes at most {MAX_STOP_STRINGS} strings of at most \
              {MAX_STOP_BYTES} bytes each"
         )));
     }
     Ok(list)
 }
+
+/// One stop string.
+const STOP: &str = "stop";
+/// Several stop strings, as a JSON list.
+const STOP_SEQUENCES: &str = "stop_sequences";
 
 /// Bounds on `stop`: every new token is checked against each stop string.
 const MAX_STOP_STRINGS: usize = 16;
@@ -135,7 +154,8 @@ impl GenerationParams {
             "repetition_penalty" => {
                 self.repetition_penalty = as_f64(key, "a number > 0", value)? as f32
             }
-            "stop" => self.stop = as_stop_list(value)?,
+            STOP => self.stop = as_stop_string(value)?,
+            STOP_SEQUENCES => self.stop = as_stop_list(value)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -203,6 +223,13 @@ impl GenerationParams {
         parameters: &[(String, ParameterValue)],
         context_length: usize,
     ) -> Result<Self, BackendError> {
+        let named = |name: &str| parameters.iter().any(|(key, _)| key == name);
+        if named(STOP) && named(STOP_SEQUENCES) {
+            return Err(BackendError::InvalidInput(format!(
+                "send either '{STOP}' (one string) or '{STOP_SEQUENCES}' (a JSON list of \
+                 strings), not both"
+            )));
+        }
         let mut params = self.clone();
         for (key, value) in parameters {
             params.apply(key, value)?;
@@ -253,7 +280,10 @@ mod tests {
             ("temperature", ParameterValue::Double(0.5)),
             ("do_sample", ParameterValue::Bool(false)),
             ("seed", ParameterValue::Int(42)),
-            ("stop", ParameterValue::String(r#"["\n", "."]"#.into())),
+            (
+                "stop_sequences",
+                ParameterValue::String(r#"["\n", "."]"#.into()),
+            ),
             ("binary_data_output", ParameterValue::Bool(true)),
         ])
         .expect("valid");
@@ -268,6 +298,11 @@ mod tests {
                 .stop,
             vec!["END"]
         );
+        // A plain string is one stop string, even when it looks like a list.
+        for marker in ["[INST]", "[1, 2]", "[\"a\""] {
+            let p = params(&[("stop", ParameterValue::String(marker.into()))]).expect(marker);
+            assert_eq!(p.stop, vec![marker]);
+        }
     }
 
     #[test]
@@ -329,19 +364,25 @@ mod tests {
                 "'repetition_penalty' must be a number > 0",
             ),
             (
-                "stop",
+                "stop_sequences",
                 ParameterValue::String("[1, 2]".into()),
-                "'stop' must be a string or a JSON list",
+                "'stop_sequences' must be a JSON list of strings",
             ),
+            (
+                "stop_sequences",
+                ParameterValue::String("END".into()),
+                "'stop_sequences' must be a JSON list of strings",
+            ),
+            ("stop", ParameterValue::Int(7), "'stop' must be a string"),
             (
                 "stop",
                 ParameterValue::String("x".repeat(MAX_STOP_BYTES + 1)),
                 "'stop' takes at most 16 strings of at most 256 bytes",
             ),
             (
-                "stop",
+                "stop_sequences",
                 ParameterValue::String(serde_json::json!(vec!["x"; 17]).to_string()),
-                "'stop' takes at most 16 strings",
+                "'stop_sequences' takes at most 16 strings",
             ),
         ];
         for (key, value, expected) in cases {

@@ -13,27 +13,41 @@ use crate::error::BackendError;
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};
 use crate::responder::Responder;
-use crate::settings::{SessionSettings, SettingsGroup, TextSettings, non_empty};
+use crate::settings::{SessionSettings, SettingsGroup, TextSettings, non_empty, positive_at_most};
 use crate::text::{TEXT_INPUT, read_texts};
 use crate::tokenize::{PaddedBatch, TOKENIZER_FILE, TextEncoder, TokenRow, pad_batch};
-use crate::types::{InputTensor, MemoryUsage};
+use crate::types::{InputTensor, MemoryUsage, element_count};
 
 pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 /// ONNX graph input fed when the graph has it.
 const TOKEN_TYPE_IDS: &str = "token_type_ids";
 
-/// The padding token, for tokenizers that do not name one.
-#[derive(Debug, Clone, Deserialize)]
-pub struct PaddingSettings {
-    #[serde(default, deserialize_with = "non_empty")]
-    pub pad_token: Option<String>,
+/// The default of `max_texts_per_request`.
+pub const DEFAULT_MAX_TEXTS: usize = 256;
+
+fn default_max_texts() -> usize {
+    DEFAULT_MAX_TEXTS
 }
 
-impl SettingsGroup for PaddingSettings {}
+/// How requests are batched: the padding token, for tokenizers that do not name one,
+/// and how many sequences one request may hold (each costs its own output rows: 100,000
+/// tiny texts once made a 636 MB response).
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchSettings {
+    #[serde(default, deserialize_with = "non_empty")]
+    pub pad_token: Option<String>,
+    #[serde(
+        default = "default_max_texts",
+        deserialize_with = "positive_at_most::<65536, _>"
+    )]
+    pub max_texts_per_request: usize,
+}
+
+impl SettingsGroup for BatchSettings {}
 
 /// The settings both encoder tasks read.
-pub type EncoderSettings = (SessionSettings, TextSettings, PaddingSettings);
+pub type EncoderSettings = (SessionSettings, TextSettings, BatchSettings);
 
 /// The ONNX inputs a graph declares, in the order the session wants them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,16 +92,17 @@ pub struct Encoder {
     /// texts and its per-text outputs lead with `[B]`.
     drops_text_unit_dim: bool,
     max_text_bytes: usize,
+    max_texts: usize,
 }
 
 impl Encoder {
     pub fn load(model: &ModelContext<'_>, settings: EncoderSettings) -> Result<Self, BackendError> {
-        let (session, text, padding) = settings;
+        let (session, text, batch) = settings;
         let onnx = OnnxModel::open(model.onnxruntime, model.version_dir, session)?;
         let encoder = TextEncoder::from_file(
             &model.version_dir.join(TOKENIZER_FILE),
             text.max_sequence_length,
-            padding.pad_token.as_deref(),
+            batch.pad_token.as_deref(),
         )?;
         let drops_text_unit_dim = model.config.max_batch_size > 0
             && model
@@ -99,6 +114,7 @@ impl Encoder {
             model: onnx,
             drops_text_unit_dim,
             max_text_bytes: text.max_text_bytes,
+            max_texts: batch.max_texts_per_request,
         })
     }
 
@@ -155,6 +171,8 @@ impl Encoder {
         input: &InputTensor<'_>,
         wanted: Vec<String>,
     ) -> Result<EncodedRequest, BackendError> {
+        // Counted before decoding: a request of 100,000 texts costs nothing more.
+        self.check_count(element_count(TEXT_INPUT, &input.shape)?, "texts")?;
         let rows = read_texts(input, self.max_text_bytes)?
             .iter()
             .map(|text| self.text.encode(text))
@@ -170,6 +188,18 @@ impl Encoder {
             text_shape: input.shape.clone(),
             wanted,
         })
+    }
+
+    /// Refuses a request of more than `max_texts_per_request` sequences.
+    pub fn check_count(&self, count: usize, what: &str) -> Result<(), BackendError> {
+        if count > self.max_texts {
+            return Err(BackendError::InvalidInput(format!(
+                "the request holds {count} {what}; this model takes at most {} per request \
+                 (parameter 'max_texts_per_request')",
+                self.max_texts
+            )));
+        }
+        Ok(())
     }
 
     /// Runs every request as one padded ONNX batch and hands the graph's output

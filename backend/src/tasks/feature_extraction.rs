@@ -187,6 +187,8 @@ impl FeatureExtraction {
             )));
         }
         let count = element_count(INPUT_IDS, &ids.shape)?;
+        self.encoder
+            .check_count(count / sequence, "sequences of 'input_ids'")?;
         let id_values = read_i64(INPUT_IDS, &ids.data, count)?;
         let mask_values = read_i64(ATTENTION_MASK, &mask.data, count)?;
         let vocab = i64::try_from(text.vocab_size()).unwrap_or(i64::MAX);

@@ -139,12 +139,11 @@ mod tests {
 
     #[test]
     fn settings_come_typed_with_their_defaults() {
-        let (session, text, padding, labels) =
-            parse_settings::<SentimentClassifier>(&parameters(&[
-                ("labels", "negative, neutral,positive"),
-                ("intra_op_thread_count", "2"),
-            ]))
-            .expect("valid parameters");
+        let (session, text, batch, labels) = parse_settings::<SentimentClassifier>(&parameters(&[
+            ("labels", "negative, neutral,positive"),
+            ("intra_op_thread_count", "2"),
+        ]))
+        .expect("valid parameters");
         assert_eq!(
             labels.labels,
             Some(vec!["negative".into(), "neutral".into(), "positive".into()])
@@ -152,6 +151,7 @@ mod tests {
         assert_eq!(session.intra_op_thread_count, 2);
         assert_eq!(session.inter_op_thread_count, 1);
         assert_eq!(text.max_sequence_length, None);
-        assert_eq!(padding.pad_token, None);
+        assert_eq!(batch.pad_token, None);
+        assert_eq!(batch.max_texts_per_request, encoder::DEFAULT_MAX_TEXTS);
     }
 }

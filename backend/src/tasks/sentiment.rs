@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer};
 
-use super::encoder::{EncodedRequest, Encoder, EncoderInstance, PaddingSettings};
+use super::encoder::{BatchSettings, EncodedRequest, Encoder, EncoderInstance};
 use super::task::{
     Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
 };
@@ -67,12 +67,7 @@ pub struct SentimentClassifier {
 
 impl Task for SentimentClassifier {
     const NAME: &'static str = "sentiment-classifier";
-    type Settings = (
-        SessionSettings,
-        TextSettings,
-        PaddingSettings,
-        LabelSettings,
-    );
+    type Settings = (SessionSettings, TextSettings, BatchSettings, LabelSettings);
     type Instance = EncoderInstance;
     type Request = EncodedRequest;
 
@@ -84,9 +79,9 @@ impl Task for SentimentClassifier {
     }
 
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError> {
-        let (session, text, padding, labels) = settings;
+        let (session, text, batch, labels) = settings;
         Ok(SentimentClassifier {
-            encoder: Encoder::load(model, (session, text, padding))?,
+            encoder: Encoder::load(model, (session, text, batch))?,
             labels: labels.labels,
         })
     }
