@@ -77,6 +77,7 @@ pub fn encode_elements<S: AsRef<[u8]>>(elements: &[S]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn round_trips_elements() {
@@ -127,5 +128,26 @@ mod tests {
     #[test]
     fn empty_buffer_is_zero_elements() {
         assert!(decode_elements(&[], 0).expect("empty").is_empty());
+    }
+
+    proptest! {
+        /// Untrusted bytes: any buffer is split or refused, never a panic, and what is
+        /// split accounts for every byte.
+        #[test]
+        fn any_buffer_is_split_or_refused(data in proptest::collection::vec(any::<u8>(), 0..64), expected in 0usize..8) {
+            if let Ok(elements) = decode_elements(&data, expected) {
+                prop_assert_eq!(elements.len(), expected);
+                let total: usize = elements.iter().map(|e| 4 + e.len()).sum();
+                prop_assert_eq!(total, data.len());
+            }
+            let _ = decode_texts("text_input", &data, expected);
+        }
+
+        #[test]
+        fn encoding_round_trips(elements in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..16), 0..8)) {
+            let encoded = encode_elements(&elements);
+            let decoded = decode_elements(&encoded, elements.len()).expect("own encoding");
+            prop_assert_eq!(decoded, elements.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        }
     }
 }

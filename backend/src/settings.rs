@@ -194,6 +194,7 @@ impl SettingsGroup for TextSettings {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     pub(crate) fn parameters(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -306,5 +307,29 @@ mod tests {
             .expect_err("z is nobody's")
             .to_string();
         assert!(error.contains("unknown parameter 'z'"), "{error}");
+    }
+
+    proptest! {
+        /// Untrusted configuration values: any text for any parameter is taken within
+        /// its bound or refused, naming the parameter.
+        #[test]
+        fn any_values_are_bounded_or_refused(
+            key in proptest::sample::select(<(SessionSettings, TextSettings)>::names()),
+            value in "\\PC{0,8}|[0-9]{1,24}",
+        ) {
+            match <(SessionSettings, TextSettings)>::parse(&parameters(&[(key, value.as_str())])) {
+                Ok((session, text)) => {
+                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                    prop_assert!((1..=4 * cores).contains(&session.intra_op_thread_count));
+                    prop_assert!((1..=4 * cores).contains(&session.inter_op_thread_count));
+                    prop_assert!((1..=MAX_TEXT_BYTES).contains(&text.max_text_bytes));
+                    prop_assert!(text.max_sequence_length.is_none_or(|n| (1..=MAX_SEQUENCE_LENGTH).contains(&n)));
+                }
+                Err(error) => {
+                    let named = format!("parameter '{key}'");
+                    prop_assert!(error.to_string().contains(&named), "{}", error);
+                }
+            }
+        }
     }
 }

@@ -137,6 +137,7 @@ mod tests {
     use super::*;
     use crate::bytes_tensor::encode_elements;
     use crate::config::ModelConfig;
+    use proptest::prelude::*;
 
     fn model_dir(test: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
         let dir =
@@ -236,5 +237,28 @@ mod tests {
         let error = warmup_requests(&json, 0, &dir).unwrap_err().to_string();
         assert!(error.contains("absent.bin"), "{error}");
         std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    proptest! {
+        /// Untrusted warm-up files: any bytes as any sample's data are rebuilt into a
+        /// request or left to Triton, never a panic.
+        #[test]
+        fn any_warmup_file_is_rebuilt_or_left(
+            data in proptest::collection::vec(any::<u8>(), 0..48),
+            dims in proptest::collection::vec(-2i64..4, 0..3),
+            string in any::<bool>(),
+        ) {
+            let dir = model_dir("prop", &[("data.bin", &data)]);
+            let data_type = if string { "TYPE_STRING" } else { "TYPE_INT64" };
+            let json = config(&format!(
+                r#"[{{"name": "p", "batch_size": 1, "inputs": {{"x":
+                    {{"data_type": "{data_type}", "dims": {dims:?}, "input_data_file": "data.bin"}}}}}}]"#
+            ));
+            if let Ok(requests) = warmup_requests(&json, 0, &dir) {
+                for request in requests {
+                    prop_assert_eq!(&request.inputs["x"].shape, &dims);
+                }
+            }
+        }
     }
 }

@@ -264,6 +264,7 @@ impl Settings for ConfigDefaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn params(pairs: &[(&str, ParameterValue)]) -> Result<GenerationParams, BackendError> {
         let pairs: Vec<(String, ParameterValue)> = pairs
@@ -406,5 +407,42 @@ mod tests {
         );
         let config: BTreeMap<String, String> = [("seed".to_string(), "1".to_string())].into();
         assert!(GenerationParams::from_config(&config, 128).is_err());
+    }
+
+    fn parameter_value() -> impl Strategy<Value = ParameterValue> {
+        prop_oneof![
+            any::<i64>().prop_map(ParameterValue::Int),
+            any::<f64>().prop_map(ParameterValue::Double),
+            any::<bool>().prop_map(ParameterValue::Bool),
+            "\\PC{0,12}".prop_map(ParameterValue::String),
+            Just(ParameterValue::String("[\"a\", \"\"]".into())),
+            Just(ParameterValue::Other),
+        ]
+    }
+
+    proptest! {
+        /// Untrusted request parameters: any values are taken or refused with a 400,
+        /// never a panic, and what is taken keeps every documented bound.
+        #[test]
+        fn any_request_parameters_keep_the_bounds(
+            pairs in proptest::collection::vec(
+                (proptest::sample::select(GENERATION_PARAMETERS.to_vec()), parameter_value()),
+                0..6,
+            ),
+        ) {
+            let pairs: Vec<(String, ParameterValue)> =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            match GenerationParams::default().with_request(&pairs, 128) {
+                Ok(p) => {
+                    prop_assert!((1..=128).contains(&p.max_new_tokens));
+                    prop_assert!(p.temperature >= MIN_TEMPERATURE && p.temperature.is_finite());
+                    prop_assert!(p.top_p > 0.0 && p.top_p <= 1.0);
+                    prop_assert!(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite());
+                    prop_assert!(p.stop.len() <= MAX_STOP_STRINGS);
+                    prop_assert!(p.stop.iter().all(|s| !s.is_empty() && s.len() <= MAX_STOP_BYTES));
+                }
+                Err(error) => prop_assert!(matches!(error, BackendError::InvalidInput(_))),
+            }
+        }
     }
 }

@@ -119,6 +119,7 @@ pub(super) fn cut_at_stop<'t>(text: &'t str, stop: &[String]) -> &'t str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn demo_tokenizer() -> Tokenizer {
         let path = concat!(
@@ -195,5 +196,41 @@ mod tests {
             "one"
         );
         assert_eq!(cut_at_stop("no stop", &["END".into()]), "no stop");
+    }
+
+    proptest! {
+        /// Untrusted stop strings over generated text (any Unicode): the incremental
+        /// search finds what a plain search finds, and nothing panics on a character
+        /// boundary.
+        #[test]
+        fn stop_search_agrees_with_a_plain_search(
+            // A small alphabet, with multi-byte characters, so that matches are common.
+            text in "[aé東 ]{0,24}",
+            stop in proptest::collection::vec("[aé東]{1,3}", 1..4),
+            searched in 0usize..32,
+        ) {
+            // A match that ends in the searched part is found wherever it starts.
+            let searched = (0..=searched.min(text.len()))
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            let ends_after = stop.iter().any(|s| {
+                text.match_indices(s.as_str()).any(|(at, _)| at + s.len() > searched)
+            });
+            let found = find_stop(&text, searched, &stop);
+            if ends_after {
+                prop_assert!(found.is_some());
+            }
+            if let Some(at) = found {
+                prop_assert!(stop.iter().any(|s| text[at..].starts_with(s.as_str())));
+            }
+            let held = possible_stop_start(&text, &stop);
+            prop_assert!(text.is_char_boundary(text.len() - held));
+            let plain = stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            prop_assert_eq!(find_stop(&text, 0, &stop), plain);
+            let cut = cut_at_stop(&text, &stop);
+            prop_assert!(text.starts_with(cut));
+            prop_assert!(!stop.iter().any(|s| cut.contains(s.as_str())));
+        }
     }
 }

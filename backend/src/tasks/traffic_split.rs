@@ -580,6 +580,7 @@ fn check_same_tensors(router: &ModelConfig, target: &ModelConfig) -> Result<(), 
 mod tests {
     use super::*;
     use crate::settings::Settings;
+    use proptest::prelude::*;
 
     #[test]
     fn arms_parse_and_bad_ones_are_named() {
@@ -654,5 +655,50 @@ mod tests {
         let error = check_same_tensors(&config("[-1]", true), &config("[-1]", false))
             .expect_err("decoupled differs");
         assert!(error.contains("decoupled"), "{error}");
+    }
+
+    proptest! {
+        /// Untrusted router configuration: any `arms` text is taken or refused, and
+        /// what is taken splits exactly 100 buckets among distinct versions.
+        #[test]
+        fn any_arms_text_is_taken_or_refused(text in "[0-9:,= a-z-]{0,20}") {
+            if let Ok(arms) = parse_arms(&text) {
+                prop_assert_eq!(arms.iter().map(|a| a.weight).sum::<u32>(), TOTAL_WEIGHT);
+                let mut versions: Vec<i64> = arms.iter().map(|a| a.version).collect();
+                versions.dedup();
+                prop_assert_eq!(versions.len(), arms.len());
+                for bucket in 0..TOTAL_WEIGHT {
+                    prop_assert!(arms.contains(&choose_arm(&arms, bucket)));
+                }
+            }
+        }
+
+        /// Well-formed pairs are taken exactly when their versions are distinct and
+        /// their weights sum to 100, and each arm then owns as many buckets as its weight.
+        #[test]
+        fn arms_are_taken_exactly_when_valid(
+            pairs in proptest::collection::vec((1i64..5, 0u32..=100), 1..4),
+        ) {
+            let text = pairs
+                .iter()
+                .map(|(version, weight)| format!("{version}:{weight}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut versions: Vec<i64> = pairs.iter().map(|(v, _)| *v).collect();
+            versions.sort_unstable();
+            versions.dedup();
+            let valid = versions.len() == pairs.len()
+                && pairs.iter().map(|(_, w)| w).sum::<u32>() == TOTAL_WEIGHT;
+            let parsed = parse_arms(&text);
+            prop_assert_eq!(parsed.is_ok(), valid, "{}: {:?}", text, parsed);
+            if let Ok(arms) = parsed {
+                for arm in &arms {
+                    let owned = (0..TOTAL_WEIGHT)
+                        .filter(|&b| choose_arm(&arms, b).version == arm.version)
+                        .count();
+                    prop_assert_eq!(owned as u32, arm.weight);
+                }
+            }
+        }
     }
 }
