@@ -5,11 +5,21 @@ the server keeps serving."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_error, infer, int64_input, outputs_by_name, text_input
+from conftest import (
+    MODEL_REPOSITORY,
+    assert_error,
+    classifier_config,
+    infer,
+    int64_input,
+    load_model,
+    outputs_by_name,
+    text_input,
+)
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-38, 1e-5])
@@ -116,3 +126,61 @@ def test_a_stop_string_that_starts_with_a_bracket_is_a_string(server):
         server.post("/v2/models/gpt2-small/infer", body),
         "'stop_sequences' must be a JSON list of strings",
     )
+
+
+@pytest.fixture
+def explicit(start_server):
+    """A server in explicit mode with no model loaded."""
+    return start_server(MODEL_REPOSITORY, args=["--model-control-mode=explicit"])
+
+
+def generator_config(**parameters: str) -> dict:
+    return {
+        "name": "gpt2-small",
+        "backend": "rust",
+        "max_batch_size": 0,
+        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [{"name": "generated_text", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {
+            key: {"string_value": value}
+            for key, value in {"task": "text-generation", **parameters}.items()
+        },
+    }
+
+
+def test_settings_the_model_cannot_serve_fail_the_load(explicit):
+    """max_sequence_length 1e12 once loaded, and then every request failed with a 500
+    (ONNX Gather out of bounds); sentiment_score dims [-1, 5] on a 3-label model loaded
+    too. The load runs one sequence of the longest length and compares the widths."""
+    cases = [
+        (
+            "sentiment-classifier",
+            classifier_config(
+                "sentiment-classifier", task="sentiment-classifier", max_sequence_length="100000"
+            ),
+            "max_sequence_length is 100000, but a sequence of 100000 tokens fails on this model",
+        ),
+        (
+            "gpt2-small",
+            generator_config(max_sequence_length="5000"),
+            "max_sequence_length (the context) is 5000, but a prompt of 4999 tokens fails",
+        ),
+    ]
+    wide = classifier_config("sentiment-classifier", task="sentiment-classifier")
+    wide["output"][0]["dims"] = [-1, 5]
+    cases.append(
+        (
+            "sentiment-classifier",
+            wide,
+            "output 'sentiment_score' has dims [-1, 5], but the model's outputs are 3 wide",
+        )
+    )
+    for model, config, expected in cases:
+        started = time.monotonic()
+        assert_error(load_model(explicit, model, config), expected)
+        assert time.monotonic() - started < 30, expected
+    assert load_model(explicit, "sentiment-classifier").status_code == 200
+    assert infer(explicit, "sentiment-classifier", [text_input(["Fine."])]).status_code == 200
+    longest = generator_config(max_sequence_length="128")
+    assert load_model(explicit, "gpt2-small", longest).status_code == 200

@@ -208,9 +208,12 @@ def first_and_steady_compute_ns(server, model: str, requests: int = 4) -> tuple[
 
 
 def test_first_request_after_warmup_is_not_the_slow_one(lifecycle_server):
-    """Supplementary and coarse (the proof is the statistics above): without warm-up the
-    first request pays for ONNX Runtime's first run (measured: about 2.4x the following
-    ones, in the median of fresh loads); with warm-up about 1.1x."""
+    """Supplementary and coarse (the proof is the statistics above). Without warm-up
+    the first request used to pay for ONNX Runtime's first run (about 2.4x the following
+    ones, in the median of fresh loads; 1.1x with warm-up). Every instance load now runs
+    one sequence of the longest length (to check the model can serve
+    max_sequence_length), which warms the session too: the first request is not the
+    slow one either way."""
     ratios: dict[str, list[float]] = {COLD: [], WARM: []}
     for _ in range(3):
         for model in (COLD, WARM):
@@ -220,7 +223,7 @@ def test_first_request_after_warmup_is_not_the_slow_one(lifecycle_server):
             ratios[model].append(first / steady)
     cold, warm = statistics.median(ratios[COLD]), statistics.median(ratios[WARM])
     print(f"\nfirst request / following ones: without warm-up {cold:.1f}x, with {warm:.1f}x")
-    assert cold > warm, ratios
+    assert cold < 2.0 and warm < 2.0, ratios
 
 
 # --- Memory usage -------------------------------------------------------------------------

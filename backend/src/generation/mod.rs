@@ -21,7 +21,7 @@ use tokenizers::Tokenizer;
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
-use crate::responder::Responder;
+use crate::responder::{CollectingResponder, Responder};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
 use crate::types::{DataType, InputTensor, OutputTensor, ParameterValue};
@@ -229,6 +229,50 @@ impl Generator {
     ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
         let rows = self.generate(session, binding, requests, responders)?;
         self.outputs(requests, rows)
+    }
+
+    /// Runs one greedy step over a prompt of `context_length - 1` tokens, the longest a
+    /// request can make the decoder see: a model whose position table is shorter than
+    /// `max_sequence_length` fails here, at load, instead of on every long request.
+    pub fn probe(
+        &self,
+        session: &mut Session,
+        binding: &mut DecoderBinding,
+    ) -> Result<(), BackendError> {
+        let length = self.context_length;
+        if length < 2 {
+            return Err(BackendError::Config(format!(
+                "max_sequence_length (the context) is {length}; text generation needs at least 2"
+            )));
+        }
+        let request = GenerationRequest {
+            prompts: vec![String::new()],
+            prompt_ids: vec![vec![self.eos_id; length - 1]],
+            text_shape: vec![1],
+            params: GenerationParams {
+                do_sample: false,
+                max_new_tokens: 1,
+                repetition_penalty: 1.0,
+                stop: Vec::new(),
+                ..self.defaults.clone()
+            },
+            stream: false,
+        };
+        let mut nobody = CollectingResponder::default();
+        self.generate(
+            session,
+            binding,
+            std::slice::from_ref(&request),
+            &mut [&mut nobody],
+        )
+        .map(|_| ())
+        .map_err(|error| {
+            BackendError::Config(format!(
+                "max_sequence_length (the context) is {length}, but a prompt of {} tokens \
+                 fails on this model (is its position table shorter?): {error}",
+                length - 1
+            ))
+        })
     }
 
     /// The new token ids of each prompt, request after request (what benchmarks count).

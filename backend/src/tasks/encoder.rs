@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use ort::session::{Session, SessionInputValue};
-use ort::value::{Tensor, ValueType};
+use ort::value::Tensor;
 use serde::Deserialize;
 
 use super::task::{InstanceContext, ModelContext, Pending, fail_all, unzip_batch};
@@ -64,6 +64,9 @@ pub struct EncoderInstance {
     /// The graph output the task reads.
     output: String,
     device: Device,
+    /// The last dimension of the graph's output (labels, or hidden size), measured at
+    /// load.
+    pub width: usize,
 }
 
 /// One request's sequences, tokenized.
@@ -93,6 +96,8 @@ pub struct Encoder {
     drops_text_unit_dim: bool,
     max_text_bytes: usize,
     max_texts: usize,
+    /// The configuration's outputs and their dims, checked against the model.
+    declared_outputs: Vec<(String, Vec<i64>)>,
 }
 
 impl Encoder {
@@ -115,15 +120,23 @@ impl Encoder {
             drops_text_unit_dim,
             max_text_bytes: text.max_text_bytes,
             max_texts: batch.max_texts_per_request,
+            declared_outputs: model
+                .config
+                .outputs
+                .iter()
+                .map(|spec| (spec.name.clone(), spec.dims.clone()))
+                .collect(),
         })
     }
 
     /// Builds an instance's session and checks that its graph fits: token inputs only,
-    /// and `wanted` among its outputs (or its only output).
+    /// `wanted` among its outputs (or its only output), a sequence of the longest length
+    /// runs, and the configuration's `width_outputs` are as wide as the model's output.
     pub fn instance(
         &self,
         instance: &InstanceContext,
         wanted: &str,
+        width_outputs: &[&str],
     ) -> Result<EncoderInstance, BackendError> {
         let session = self.model.session(instance.device)?;
         let mut inputs = Vec::new();
@@ -157,12 +170,30 @@ impl Encoder {
                 )));
             }
         };
-        Ok(EncoderInstance {
+        let mut instance = EncoderInstance {
             session,
             inputs,
             output,
             device: instance.device,
-        })
+            width: 0,
+        };
+        instance.width = self.probe(&mut instance)?;
+        let declared = self
+            .declared_outputs
+            .iter()
+            .filter(|(name, _)| width_outputs.contains(&name.as_str()));
+        for (name, dims) in declared {
+            if dims
+                .last()
+                .is_some_and(|&d| d > 0 && d != instance.width as i64)
+            {
+                return Err(BackendError::Config(format!(
+                    "output '{name}' has dims {dims:?}, but the model's outputs are {} wide",
+                    instance.width
+                )));
+            }
+        }
+        Ok(instance)
     }
 
     /// Tokenizes the texts of one request.
@@ -204,12 +235,12 @@ impl Encoder {
 
     /// Runs every request as one padded ONNX batch and hands the graph's output
     /// (shape, values) and the padded batch to `split`, which answers the requests.
-    fn run(
+    fn run<R>(
         &self,
         instance: &mut EncoderInstance,
         requests: &[EncodedRequest],
-        split: impl FnOnce(&[i64], &[f32], &PaddedBatch) -> Result<(), BackendError>,
-    ) -> Result<(), BackendError> {
+        split: impl FnOnce(&[i64], &[f32], &PaddedBatch) -> Result<R, BackendError>,
+    ) -> Result<R, BackendError> {
         let rows: Vec<&TokenRow> = requests.iter().flat_map(|r| &r.rows).collect();
         let mut padded = pad_batch(&rows, self.text.pad_id());
         let shape = [padded.batch as i64, padded.sequence as i64];
@@ -258,17 +289,43 @@ impl Encoder {
         }
     }
 
-    /// The last dimension of the instance's output when the graph fixes it.
-    pub fn static_output_width(instance: &EncoderInstance) -> Option<usize> {
-        let outlet = instance
-            .session
-            .outputs()
-            .iter()
-            .find(|o| o.name() == instance.output)?;
-        match outlet.dtype() {
-            ValueType::Tensor { shape, .. } => shape.last().and_then(|&d| usize::try_from(d).ok()),
-            _ => None,
-        }
+    /// Runs one sequence of `max_sequence_length` tokens, the longest a request can
+    /// send: a model whose position table is shorter fails here, at load, instead of on
+    /// every long request. Returns the width of the graph's output (labels or hidden
+    /// size), which the configuration's output dimensions must match.
+    fn probe(&self, instance: &mut EncoderInstance) -> Result<usize, BackendError> {
+        let length = self.text.max_length();
+        let row = TokenRow {
+            ids: vec![self.text.pad_id(); length],
+            attention_mask: vec![1; length],
+            type_ids: vec![0; length],
+        };
+        let request = EncodedRequest {
+            rows: vec![row],
+            leading: vec![1],
+            text_shape: vec![1],
+            wanted: Vec::new(),
+        };
+        let shape = self
+            .run(instance, std::slice::from_ref(&request), |shape, _, _| {
+                Ok(shape.to_vec())
+            })
+            .map_err(|error| {
+                BackendError::Config(format!(
+                    "max_sequence_length is {length}, but a sequence of {length} tokens fails \
+                     on this model (is its position table shorter?): {error}"
+                ))
+            })?;
+        shape
+            .last()
+            .and_then(|&width| usize::try_from(width).ok())
+            .filter(|&width| width > 0)
+            .ok_or_else(|| {
+                BackendError::Unsupported(format!(
+                    "the model's output '{}' has shape {shape:?}",
+                    instance.output
+                ))
+            })
     }
 
     /// The model version's memory: its tokenizer.

@@ -85,7 +85,8 @@ impl Task for FeatureExtraction {
     }
 
     fn instance(&self, instance: &InstanceContext) -> Result<EncoderInstance, BackendError> {
-        self.encoder.instance(instance, LAST_HIDDEN_STATE)
+        self.encoder
+            .instance(instance, LAST_HIDDEN_STATE, &[LAST_HIDDEN_STATE, EMBEDDING])
     }
 
     fn prepare(&self, mut request: RequestData<'_>) -> Result<EncodedRequest, BackendError> {

@@ -87,9 +87,11 @@ impl Task for SentimentClassifier {
     }
 
     fn instance(&self, instance: &InstanceContext) -> Result<EncoderInstance, BackendError> {
-        let instance = self.encoder.instance(instance, LOGITS)?;
-        if let (Some(labels), Some(classes)) =
-            (&self.labels, Encoder::static_output_width(&instance))
+        let instance = self
+            .encoder
+            .instance(instance, LOGITS, &[SENTIMENT_SCORE])?;
+        let classes = instance.width;
+        if let Some(labels) = &self.labels
             && labels.len() != classes
         {
             return Err(BackendError::Config(format!(

@@ -146,12 +146,13 @@ impl Task for TextGeneration {
     }
 
     fn instance(&self, instance: &InstanceContext) -> Result<GenerationInstance, BackendError> {
-        let session = self.model.session(instance.device)?;
-        let binding = DecoderBinding::new(
+        let mut session = self.model.session(instance.device)?;
+        let mut binding = DecoderBinding::new(
             &session,
             &self.model.environment,
             self.model.options(instance.device),
         )?;
+        self.generator.probe(&mut session, &mut binding)?;
         Ok(GenerationInstance {
             session,
             binding,
