@@ -5,7 +5,8 @@ tritonserver with libtriton_rust.so (started here, on loopback ports).
 It fails (exit 1) on any lost request (sent and never answered within its timeout),
 any wrong answer (a good request that does not succeed, a bad one that is not refused
 with a 4xx naming the problem), a server that dies, or server RSS that grows by more
-than 5 % from the end of the warm-up to the end of the run.
+than 5 % from the first fifth of the run after the warm-up to its last fifth (medians
+of a sample every 5 s: RSS swings by a few MiB as models reload).
 
 Run through scripts/soak.sh (it sets up the environment): `scripts/soak.sh 30`.
 """
@@ -19,6 +20,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -225,15 +227,18 @@ def main() -> int:
             worker.start()
         started = time.monotonic()
         time.sleep(min(args.warmup, args.minutes * 60))
-        rss_start = rss_mib(server.pid)
         end = started + args.minutes * 60
+        samples = []
         while time.monotonic() < end and server.poll() is None:
-            time.sleep(min(10, max(0, end - time.monotonic())))
-            rss = rss_mib(server.pid) if server.poll() is None else float("nan")
-            print(f"[soak] {(time.monotonic() - started) / 60:5.1f} min  RSS {rss:.1f} MiB  "
-                  f"{dict(tally.counts)}", flush=True)
+            time.sleep(min(5, max(0, end - time.monotonic())))
+            if server.poll() is None:
+                samples.append(rss_mib(server.pid))
+                print(f"[soak] {(time.monotonic() - started) / 60:5.1f} min  RSS {samples[-1]:.1f} MiB  "
+                      f"{dict(tally.counts)}", flush=True)
         alive = server.poll() is None
-        rss_end = rss_mib(server.pid) if alive else float("nan")
+        fifth = max(1, len(samples) // 5)
+        rss_start = statistics.median(samples[:fifth]) if samples else float("nan")
+        rss_end = statistics.median(samples[-fifth:]) if alive and samples else float("nan")
         stop.set()
         for worker in workers:
             worker.join(timeout=REQUEST_TIMEOUT + 30)
@@ -249,8 +254,8 @@ def main() -> int:
         "minutes": args.minutes, "sent": counts["sent"], "answered": counts["answered"],
         "good": counts["good"], "refused_as_expected": counts["refused"], "wrong": counts["wrong"],
         "lost": counts["lost"], "reloads": counts["reloads"], "server_alive": alive,
-        "server_exit_code": server.returncode, "rss_mib_after_warmup": round(rss_start, 1),
-        "rss_mib_end": round(rss_end, 1), "rss_growth_percent": round(growth, 2),
+        "server_exit_code": server.returncode, "rss_mib_first_fifth": round(rss_start, 1),
+        "rss_mib_last_fifth": round(rss_end, 1), "rss_growth_percent": round(growth, 2),
         "problems": tally.problems,
     }
     print(json.dumps(report, indent=2))
