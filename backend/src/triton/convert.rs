@@ -83,6 +83,13 @@ pub(crate) fn data_type_to_raw(datatype: DataType) -> sys::TRITONSERVER_DataType
     }
 }
 
+/// Whether Triton placed a buffer in host memory (plain or pinned), the only memory
+/// this backend reads and writes.
+pub(crate) fn is_host_memory(memory_type: sys::TRITONSERVER_MemoryType) -> bool {
+    memory_type == sys::TRITONSERVER_MEMORY_CPU
+        || memory_type == sys::TRITONSERVER_MEMORY_CPU_PINNED
+}
+
 /// Calls a Triton getter whose out-parameter is a C++ `bool` and reads it as a byte:
 /// any non-zero byte is true (a Rust `bool` holding another value would be undefined
 /// behaviour).

@@ -18,7 +18,7 @@
 //! Relaying another model's (possibly decoupled) stream back to a client:
 //!
 //! ```ignore
-//! let mut builder = server.request("generator", 2)?;
+//! let mut builder = InferenceRequestBuilder::new(server, "generator", 2)?;
 //! builder.add_input("TEXT", DataType::Bytes, &[1, 1], tensor.data.into_owned())?;
 //! let upstream = builder.cancel_handle();
 //! let factory = ResponseFactory::new(&request)?;
@@ -38,12 +38,11 @@ use std::ffi::{CString, c_char, c_void};
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use triton_sys as sys;
 
-use super::convert::{data_type_from_raw, data_type_to_raw, read_parameters};
+use super::convert::{data_type_from_raw, data_type_to_raw, is_host_memory, read_parameters};
 use super::error::{Error, Result, check, copy_c_str, error_code_from_raw};
 use super::server::Server;
 use crate::error::ErrorCode;
@@ -98,32 +97,6 @@ impl InferenceRequestBuilder {
 
     fn raw(&self) -> *mut sys::TRITONSERVER_InferenceRequest {
         self.request.0.as_ptr()
-    }
-
-    /// The request id, echoed in the responses and Triton's logs.
-    pub fn id(&mut self, id: &str) -> Result<&mut Self> {
-        let c_id = c_string("request id", id)?;
-        // SAFETY: the request is ours and unsent; Triton copies the string.
-        check(unsafe { sys::TRITONSERVER_InferenceRequestSetId(self.raw(), c_id.as_ptr()) })?;
-        Ok(self)
-    }
-
-    /// The scheduling priority (1 is highest; 0 means the model's default).
-    pub fn priority(&mut self, priority: u64) -> Result<&mut Self> {
-        // SAFETY: the request is ours and unsent.
-        check(unsafe {
-            sys::TRITONSERVER_InferenceRequestSetPriorityUInt64(self.raw(), priority)
-        })?;
-        Ok(self)
-    }
-
-    /// How long the request may wait in the queue, in microseconds (0: no limit).
-    pub fn timeout_us(&mut self, timeout_us: u64) -> Result<&mut Self> {
-        // SAFETY: the request is ours and unsent.
-        check(unsafe {
-            sys::TRITONSERVER_InferenceRequestSetTimeoutMicroseconds(self.raw(), timeout_us)
-        })?;
-        Ok(self)
     }
 
     /// Adds input `name` whose bytes (Triton's layout; BYTES elements each prefixed by
@@ -292,17 +265,6 @@ impl InferenceRequestBuilder {
             }
         }
     }
-
-    /// Sends the request and returns a receiver of its events, for a caller that waits
-    /// (not on a thread the target model needs to answer). The final event is the last.
-    pub fn send_to_channel(self) -> Result<(InFlight, mpsc::Receiver<ResponseEvent>)> {
-        let (sender, receiver) = mpsc::channel();
-        let in_flight = self.send(move |event| {
-            // A receiver gone means nobody waits any more: the event is dropped.
-            let _ = sender.send(event);
-        })?;
-        Ok((in_flight, receiver))
-    }
 }
 
 /// Sets the request's callbacks and sends it; on error the request and both contexts
@@ -423,11 +385,6 @@ impl InFlight {
     pub fn cancel(&self) -> Result<()> {
         self.slot.cancel(cancel_request)
     }
-
-    /// Whether Triton holds the request now (sent and not yet released).
-    pub fn is_live(&self) -> bool {
-        self.slot.is_live()
-    }
 }
 
 fn cancel_request(request: RequestPtr) -> Result<()> {
@@ -519,6 +476,7 @@ impl CancelSlot {
         *self.lock() = SlotState::Done;
     }
 
+    #[cfg(test)]
     fn is_live(&self) -> bool {
         matches!(*self.lock(), SlotState::Live(_))
     }
@@ -867,27 +825,6 @@ impl InferenceResponse {
         Some(Error::new(error_code_from_raw(code), message))
     }
 
-    /// The model and version that made the response.
-    pub fn model(&self) -> Result<(String, i64)> {
-        let mut name = ptr::null();
-        let mut version = 0i64;
-        // SAFETY: the response is live; the out-pointers are valid.
-        check(unsafe {
-            sys::TRITONSERVER_InferenceResponseModel(self.raw(), &mut name, &mut version)
-        })?;
-        // SAFETY: a NUL-terminated string live as long as the response.
-        Ok((unsafe { copy_c_str(name) }, version))
-    }
-
-    /// The id of the request this answers.
-    pub fn request_id(&self) -> Result<String> {
-        let mut id = ptr::null();
-        // SAFETY: the response is live; the out-pointer is valid.
-        check(unsafe { sys::TRITONSERVER_InferenceResponseId(self.raw(), &mut id) })?;
-        // SAFETY: a NUL-terminated string live as long as the response.
-        Ok(unsafe { copy_c_str(id) })
-    }
-
     /// The response's parameters; BYTES values come back as [`ParameterValue::Other`].
     pub fn parameters(&self) -> Result<Vec<(String, ParameterValue)>> {
         let mut count = 0u32;
@@ -954,9 +891,7 @@ impl InferenceResponse {
             // SAFETY: Triton gives `dims` dims at `shape`, live as long as the response.
             (false, _) => unsafe { std::slice::from_raw_parts(shape, dims) }.to_vec(),
         };
-        if memory_type != sys::TRITONSERVER_MEMORY_CPU
-            && memory_type != sys::TRITONSERVER_MEMORY_CPU_PINNED
-        {
+        if !is_host_memory(memory_type) {
             return Err(Error::unsupported(format!(
                 "output '{name}' is not in host memory (type {memory_type}, device \
                  {memory_type_id})"

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use triton_sys as sys;
 
-use super::convert::{data_type_from_raw, read_bool, read_parameters};
+use super::convert::{data_type_from_raw, is_host_memory, read_bool, read_parameters};
 use super::error::{Error, Result, c_string_lossy, check, copy_c_str};
 use super::response::{Response, ResponseFactory};
 use crate::types::{InputTensor, ParameterValue};
@@ -201,9 +201,7 @@ impl Request {
                     &mut memory_type_id,
                 )
             })?;
-            if memory_type != sys::TRITONSERVER_MEMORY_CPU
-                && memory_type != sys::TRITONSERVER_MEMORY_CPU_PINNED
-            {
+            if !is_host_memory(memory_type) {
                 return Err(Error::unsupported(format!(
                     "input '{name}' is in GPU memory (device {memory_type_id}); this backend reads \
                      text inputs from host memory: send them without CUDA shared memory"

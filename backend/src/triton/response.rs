@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
-use super::convert::{data_type_to_raw, read_bool};
+use super::convert::{data_type_to_raw, is_host_memory, read_bool};
 use super::error::{Error, Result, c_string_lossy, check};
 use crate::types::{DataType, ParameterValue};
 
@@ -79,9 +79,7 @@ impl Response {
                 &mut memory_type_id,
             )
         })?;
-        if memory_type != sys::TRITONSERVER_MEMORY_CPU
-            && memory_type != sys::TRITONSERVER_MEMORY_CPU_PINNED
-        {
+        if !is_host_memory(memory_type) {
             return Err(Error::unsupported(format!(
                 "output '{name}' was placed in GPU memory (device {memory_type_id}); this \
                  backend writes outputs to host memory: request them without CUDA shared memory"

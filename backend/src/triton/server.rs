@@ -67,26 +67,6 @@ impl Server {
             sys::TRITONSERVER_ServerModelIsReady(self.as_ptr(), c_name.as_ptr(), version, ready)
         })
     }
-
-    /// Whether model `name` is decoupled (may answer a request with any number of
-    /// responses, the final flag possibly arriving without one).
-    pub fn model_is_decoupled(&self, name: &str, version: i64) -> Result<bool> {
-        let c_name = model_name(name)?;
-        let mut flags = 0u32;
-        let mut voidp = ptr::null_mut();
-        // SAFETY: the server is live; `c_name` outlives the call; both out-pointers are
-        // valid (`voidp` is always null today and owned by Triton if not).
-        check(unsafe {
-            sys::TRITONSERVER_ServerModelTransactionProperties(
-                self.as_ptr(),
-                c_name.as_ptr(),
-                version,
-                &mut flags,
-                &mut voidp,
-            )
-        })?;
-        Ok(flags & sys::TRITONSERVER_TXN_DECOUPLED != 0)
-    }
 }
 
 /// The backend API version of the running server, `(major, minor)`.
