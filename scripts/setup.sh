@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the server and the tests need, then builds the backend.
 # Idempotent: a second run only rebuilds what changed.
-#   - Debian packages: libclang-dev (bindgen), python3-venv
+#   - Debian packages: libclang-dev (bindgen), python3-venv, nginx with njs (the HTTP
+#     gateway of docker/k8s/gateway/, which tests/test_gateway.py runs)
 #   - .deps/venv: Python test clients (tritonclient, pytest, numpy)
 #   - .deps/pytriton: tritonserver 2.51 from the PyPI wheel nvidia-pytriton==0.7.0
 #   - .deps/onnxruntime: libonnxruntime.so.1.31.1 from the PyPI wheel onnxruntime==1.31.1
@@ -21,6 +22,8 @@ missing=()
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+dpkg -s nginx >/dev/null 2>&1 || missing+=(nginx)
+dpkg -s libnginx-mod-http-js >/dev/null 2>&1 || missing+=(libnginx-mod-http-js)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "missing system packages: ${missing[*]} (install them with your package manager)" >&2

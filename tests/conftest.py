@@ -184,17 +184,17 @@ def start_server(tmp_path):
         triton.stop()
 
 
+def copy_models(target: Path, *models: str) -> Path:
+    """Copies models of the example repository (all of them by default) into `target`."""
+    for model in models or [p.name for p in MODEL_REPOSITORY.iterdir() if p.is_dir()]:
+        shutil.copytree(MODEL_REPOSITORY / model, target / model)
+    return target
+
+
 @pytest.fixture
 def repository_copy(tmp_path):
     """Factory: a copy of the example repository (or some of its models) to modify."""
-
-    def copy(*models: str) -> Path:
-        target = tmp_path / "model-repository"
-        for model in models or [p.name for p in MODEL_REPOSITORY.iterdir() if p.is_dir()]:
-            shutil.copytree(MODEL_REPOSITORY / model, target / model)
-        return target
-
-    return copy
+    return lambda *models: copy_models(tmp_path / "model-repository", *models)
 
 
 def without_warmup(config: str) -> str:

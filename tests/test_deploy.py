@@ -346,24 +346,56 @@ def triton_container(manifests) -> dict:
     return container
 
 
+def gateway_container(manifests) -> dict:
+    pod = manifests[("Deployment", "triton-rust")]["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "http-gateway"]
+    return container
+
+
 def test_deployment_probes_hit_triton_health_endpoints(manifests):
     container = triton_container(manifests)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert ports == {"grpc": 8001, "metrics": 8002}
+    # Startup and readiness through the gateway's port "http", liveness on loopback.
+    assert {p["name"]: p["containerPort"] for p in gateway_container(manifests)["ports"]} == {
+        "http": 8080
+    }
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert container[probe]["httpGet"]["port"] in ("http", 8000), probe
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == "http", probe
+    liveness = " ".join(container["livenessProbe"]["exec"]["command"])
+    assert "http://127.0.0.1:8000/v2/health/live" in liveness
 
 
 def test_deployment_args_match_the_image(manifests, final_stage):
     container = triton_container(manifests)
     (cmd,) = final_stage.all("CMD")
-    assert container["args"] == exec_form(cmd), "Deployment args and the image CMD drifted apart"
+    # The image's CMD, plus HTTP on loopback only (reached through the gateway).
+    assert container["args"] == exec_form(cmd) + ["--http-address=127.0.0.1"], (
+        "Deployment args and the image CMD drifted apart"
+    )
     assert "command" not in container, "keep the image ENTRYPOINT (nvidia_entrypoint.sh)"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+def test_gateway_serves_the_tested_nginx_config(manifests):
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "triton-gateway"]
+    assert sorted(generator["files"]) == ["gateway/nginx.conf", "gateway/triton-guard.js"]
+    config = (K8S_DIR / "gateway" / "nginx.conf").read_text()
+    gateway = gateway_container(manifests)
+    pod = manifests[("Deployment", "triton-rust")]["spec"]["template"]["spec"]
+    (mount,) = [m for m in gateway["volumeMounts"] if m["name"] == "gateway-config"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "gateway-config"]
+    assert volume["configMap"]["name"] == "triton-gateway"
+    assert gateway["command"][:3] == ["nginx", "-c", f"{mount['mountPath']}/nginx.conf"]
+    assert f"js_path {mount['mountPath']};" in config
+    assert "listen 8080;" in config and "server 127.0.0.1:8000;" in config
+    # Its temporary files go to the writable /tmp volume (read-only root filesystem).
+    (tmp,) = [m for m in gateway["volumeMounts"] if m["name"] == "gateway-tmp"]
+    assert tmp["mountPath"] == "/tmp" and "pid /tmp/" in config
 
 
 def test_deployment_security_and_gpu(manifests, final_stage):
@@ -379,7 +411,8 @@ def test_deployment_security_and_gpu(manifests, final_stage):
         assert context["allowPrivilegeEscalation"] is False, container["name"]
         assert context["capabilities"]["drop"] == ["ALL"], container["name"]
         assert context["readOnlyRootFilesystem"] is True, container["name"]
-        assert container["image"] == triton_container(manifests)["image"]
+        if container["name"] != "http-gateway":
+            assert container["image"] == triton_container(manifests)["image"]
 
     resources = triton_container(manifests)["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
@@ -398,7 +431,7 @@ def test_model_repository_comes_from_the_pvc(manifests):
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in manifests
-    assert "configMap" not in json.dumps(pod["volumes"]), "models must not come from a ConfigMap"
+    assert "configMap" not in volume, "models must not come from a ConfigMap"
     # The init container seeds the same sub-directory the server mounts.
     (init,) = pod["initContainers"]
     (seed_mount,) = [m for m in init["volumeMounts"] if m["name"] == mount["name"]]
