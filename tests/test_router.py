@@ -267,6 +267,82 @@ def test_weights_change_with_a_reload(explicit_with_targets):
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
 
 
+# --- sticky users ---------------------------------------------------------------------
+
+
+def arm_of_user(server, model: str, user, via: str = "parameter") -> str:
+    """The version serving `user`, named as a KServe parameter or an x-user-id header."""
+    body = {"inputs": [text_input(["Sticky."])]}
+    headers = {}
+    if via == "parameter":
+        body["parameters"] = {"user_id": user}
+    else:
+        headers["x-user-id"] = str(user)
+    response = server.post(f"/v2/models/{model}/infer", body, headers=headers)
+    assert response.status_code == 200, response.text
+    return served_by(response)[1]
+
+
+def test_a_user_always_gets_the_same_arm(server):
+    users = [f"user-{i}" for i in range(40)] + [7, 12345]
+    first = {user: arm_of_user(server, CLASSIFIER_AB, user) for user in users}
+    assert set(first.values()) == {"1", "2"}, first
+    for _ in range(3):
+        assert {user: arm_of_user(server, CLASSIFIER_AB, user) for user in users} == first
+
+
+def test_users_spread_by_the_weights(server):
+    """2000 distinct users over the 50/50 router: a chi-square test of the arm counts."""
+    users = 2000
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        arms = list(pool.map(lambda i: arm_of_user(server, CLASSIFIER_AB, f"u{i}"), range(users)))
+    counts = {version: arms.count(version) for version in ("1", "2")}
+    expected = {"1": 0.5 * users, "2": 0.5 * users}
+    chi_square = sum((counts[v] - expected[v]) ** 2 / expected[v] for v in expected)
+    assert chi_square < CHI_SQUARE_1DF_P001, counts
+
+
+def test_a_bad_user_id_is_refused(server):
+    for bad in ["", True, 1.5]:
+        body = {"inputs": [text_input(["Who?"])], "parameters": {"user_id": bad}}
+        response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+        assert_error(response, "parameter 'user_id' must be a non-empty string or an integer")
+
+
+def test_growing_the_canary_moves_users_only_into_it(explicit_with_targets):
+    server = explicit_with_targets
+    users = [f"user-{i}" for i in range(600)]
+
+    def assignment(arms: str) -> dict:
+        assert load_model(server, CLASSIFIER_AB, router_config(arms=arms)).status_code == 200
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(zip(users, pool.map(lambda u: arm_of_user(server, CLASSIFIER_AB, u), users)))
+
+    at_10 = assignment("1:90,2:10")
+    at_20 = assignment("1:80,2:20")
+    moved = [u for u in users if at_10[u] != at_20[u]]
+    assert all(at_10[u] == "1" and at_20[u] == "2" for u in moved), "a user left the canary"
+    # About a tenth of the users (those of buckets 80..89) moved into the canary.
+    assert 0.05 * len(users) < len(moved) < 0.15 * len(users), len(moved)
+    assert sum(v == "2" for v in at_20.values()) > sum(v == "2" for v in at_10.values())
+    # Another experiment name assigns the users afresh.
+    assert load_model(
+        server, CLASSIFIER_AB, router_config(arms="1:80,2:20", experiment="exp-2")
+    ).status_code == 200
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        fresh = dict(zip(users, pool.map(lambda u: arm_of_user(server, CLASSIFIER_AB, u), users)))
+    assert fresh != at_20
+
+
+def test_a_forwarded_header_names_the_user(start_server):
+    server = start_server(MODEL_REPOSITORY, args=["--http-header-forward-pattern=x-user-id"])
+    users = [f"header-user-{i}" for i in range(30)]
+    by_header = {u: arm_of_user(server, CLASSIFIER_AB, u, via="header") for u in users}
+    by_parameter = {u: arm_of_user(server, CLASSIFIER_AB, u) for u in users}
+    assert by_header == by_parameter
+    assert set(by_header.values()) == {"1", "2"}
+
+
 # --- cancellation ---------------------------------------------------------------------
 
 

@@ -1,8 +1,14 @@
 //! `traffic-split`: a router model that splits traffic between versions of another
 //! model inside the server. Each request goes, with its inputs, parameters and
-//! requested outputs, to one version (an arm, chosen at random by weight) through
+//! requested outputs, to one version (an arm, chosen by weight) through
 //! `TRITONSERVER_ServerInferAsync`; that version's responses (a stream, for decoupled
 //! models) come back to the client with response parameters naming the arm.
+//!
+//! Arms own contiguous ranges of 100 buckets, as wide as their weights. A request with
+//! a user (request parameter `user_id`, or `x-user-id` from a forwarded header) lands
+//! in the bucket its user hashes to, salted with the experiment name, so a user keeps
+//! their arm, and growing the last arm only moves users into it; other requests land
+//! in a random bucket.
 //!
 //! The router has no files of its own: its configuration names the target model and
 //! the arms, and declares the target's inputs and outputs. A load checks that each
@@ -41,6 +47,11 @@ pub const VERSION_PARAMETER: &str = "ab_model_version";
 
 /// Weights are percentages: they sum to this.
 const TOTAL_WEIGHT: u32 = 100;
+
+/// Request parameters that name the user, in the order they are looked for: KServe's
+/// own, and the header a client sends through `--http-header-forward-pattern` /
+/// `--grpc-header-forward-pattern` (header names compare without case).
+pub const USER_PARAMETERS: [&str; 2] = ["user_id", "x-user-id"];
 
 /// One version of the target and its share of the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +125,10 @@ pub struct RouterSettings {
         deserialize_with = "positive_at_most::<600, _>"
     )]
     pub target_ready_timeout_s: usize,
+    /// Salt of the sticky assignment (default: the router's name): another experiment
+    /// name assigns the users afresh.
+    #[serde(default)]
+    pub experiment: Option<String>,
 }
 
 impl SettingsGroup for RouterSettings {}
@@ -124,12 +139,16 @@ pub struct ForwardedRequest {
     inputs: Vec<(String, InputTensor<'static>)>,
     parameters: Vec<(String, ParameterValue)>,
     outputs: Vec<String>,
+    /// The bucket of the request's user, if it names one.
+    user_bucket: Option<u32>,
 }
 
 pub struct TrafficSplit {
     server: Server,
     target: String,
     arms: Vec<Arm>,
+    /// Salt of the users' buckets.
+    experiment: String,
     /// The router's own configuration, to check the target's against.
     config: ModelConfig,
     /// Set once the arms were found ready and serving the router's tensors.
@@ -176,10 +195,15 @@ impl Task for TrafficSplit {
                 }
             }
         }
+        let experiment = settings
+            .experiment
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| model.name.to_owned());
         let router = TrafficSplit {
             server: model.server,
             target,
             arms,
+            experiment,
             config: model.config.clone(),
             verified: OnceLock::new(),
             cancel_watch: CancelWatch::start(),
@@ -215,10 +239,13 @@ impl Task for TrafficSplit {
                 (name, owned)
             })
             .collect();
+        let user_bucket =
+            user_of(&request.parameters)?.map(|user| user_bucket(&self.experiment, &user));
         Ok(ForwardedRequest {
             inputs,
             parameters: request.parameters,
             outputs: request.requested_outputs,
+            user_bucket,
         })
     }
 
@@ -232,7 +259,11 @@ impl Task for TrafficSplit {
             return fail_all(&mut responders, &error);
         }
         for pending in batch {
-            let arm = choose_arm(&self.arms, bucket(rng));
+            let bucket = pending
+                .request
+                .user_bucket
+                .unwrap_or_else(|| random_bucket(rng));
+            let arm = choose_arm(&self.arms, bucket);
             if let Err((Some(mut responder), error)) = self.forward(pending, arm) {
                 responder.fail(&error);
             }
@@ -487,9 +518,41 @@ impl Drop for CancelWatch {
     }
 }
 
-/// A number in `0..100` for a weighted choice.
-fn bucket(rng: &mut ChaCha8Rng) -> u32 {
+/// A bucket in `0..100` for a request without a user.
+fn random_bucket(rng: &mut ChaCha8Rng) -> u32 {
     (rng.next_u64() % u64::from(TOTAL_WEIGHT)) as u32
+}
+
+/// The bucket in `0..100` of `user` in `experiment`: the same on every instance,
+/// server and build (xxh3 is specified; std's hasher is not stable across releases).
+fn user_bucket(experiment: &str, user: &str) -> u32 {
+    let mut key = Vec::with_capacity(experiment.len() + 1 + user.len());
+    key.extend_from_slice(experiment.as_bytes());
+    key.push(0);
+    key.extend_from_slice(user.as_bytes());
+    (xxhash_rust::xxh3::xxh3_64(&key) % u64::from(TOTAL_WEIGHT)) as u32
+}
+
+/// The request's user, from the first of [`USER_PARAMETERS`] it carries: a non-empty
+/// string or an integer.
+fn user_of(parameters: &[(String, ParameterValue)]) -> Result<Option<String>, BackendError> {
+    for name in USER_PARAMETERS {
+        let Some((key, value)) = parameters
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        else {
+            continue;
+        };
+        return match value {
+            ParameterValue::String(user) if !user.is_empty() => Ok(Some(user.clone())),
+            ParameterValue::Int(user) => Ok(Some(user.to_string())),
+            other => Err(BackendError::InvalidInput(format!(
+                "parameter '{key}' must be a non-empty string or an integer naming the \
+                 user, got {other}"
+            ))),
+        };
+    }
+    Ok(None)
 }
 
 /// The arm owning `bucket`: arms own contiguous ranges of `0..100`, in order, as wide
@@ -629,9 +692,78 @@ mod tests {
         assert!((0..100).all(|b| choose_arm(&zero, b).version == 1));
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let second = (0..10_000)
-            .filter(|_| choose_arm(&arms, bucket(&mut rng)).version == 2)
+            .filter(|_| choose_arm(&arms, random_bucket(&mut rng)).version == 2)
             .count();
         assert!((2_700..3_300).contains(&second), "{second} of 10000");
+    }
+
+    #[test]
+    fn users_hash_to_fixed_buckets_per_experiment() {
+        // Pinned: a user's arm must not change with a rebuild or another machine.
+        assert_eq!(
+            user_bucket("sentiment-classifier-ab", "alice"),
+            user_bucket("sentiment-classifier-ab", "alice")
+        );
+        let pinned: Vec<u32> = ["alice", "bob", "carol"]
+            .iter()
+            .map(|user| user_bucket("exp", user))
+            .collect();
+        assert_eq!(pinned, PINNED_BUCKETS);
+        // The salt separates experiments; the separator keeps ("ab", "c") and
+        // ("a", "bc") apart.
+        let moved = (0..1000)
+            .filter(|i| user_bucket("one", &i.to_string()) != user_bucket("two", &i.to_string()))
+            .count();
+        assert!(moved > 900, "{moved}");
+        assert_ne!(user_bucket("ab", "c"), user_bucket("a", "bc"));
+        // Users spread evenly over the buckets.
+        let mut counts = [0u32; TOTAL_WEIGHT as usize];
+        for i in 0..100_000 {
+            counts[user_bucket("exp", &format!("user-{i}")) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn the_user_comes_from_user_id_or_a_forwarded_header() {
+        let named = |key: &str, value: ParameterValue| vec![(key.to_owned(), value)];
+        let user = |parameters: Vec<(String, ParameterValue)>| user_of(&parameters).expect("valid");
+        assert_eq!(
+            user(named("user_id", ParameterValue::String("u1".into()))),
+            Some("u1".into())
+        );
+        assert_eq!(
+            user(named("user_id", ParameterValue::Int(42))),
+            Some("42".into())
+        );
+        assert_eq!(
+            user(named("X-User-Id", ParameterValue::String("h".into()))),
+            Some("h".into())
+        );
+        assert_eq!(user(named("seed", ParameterValue::Int(1))), None);
+        let both = vec![
+            (
+                "x-user-id".to_owned(),
+                ParameterValue::String("header".into()),
+            ),
+            ("user_id".to_owned(), ParameterValue::String("param".into())),
+        ];
+        assert_eq!(
+            user(both),
+            Some("param".into()),
+            "the KServe parameter wins"
+        );
+        for bad in [
+            ParameterValue::String(String::new()),
+            ParameterValue::Bool(true),
+            ParameterValue::Double(1.5),
+        ] {
+            let error = user_of(&named("user_id", bad)).expect_err("refused");
+            assert!(error.to_string().contains("'user_id'"), "{error}");
+        }
     }
 
     #[test]
@@ -657,7 +789,24 @@ mod tests {
         assert!(error.contains("decoupled"), "{error}");
     }
 
+    /// `user_bucket("exp", _)` of alice, bob and carol.
+    const PINNED_BUCKETS: [u32; 3] = [54, 11, 69];
+
     proptest! {
+        /// Growing the last arm moves users only into it: a user of any other arm
+        /// either stays or moves to the last one.
+        #[test]
+        fn growing_the_last_arm_only_moves_users_into_it(
+            first in 0u32..=100, grow in 0u32..=100, user in "[a-z0-9]{1,12}",
+        ) {
+            let grow = grow.min(first);
+            let before = parse_arms(&format!("1:{first},2:{}", 100 - first)).expect("valid");
+            let after = parse_arms(&format!("1:{},2:{}", first - grow, 100 - first + grow)).expect("valid");
+            let bucket = user_bucket("exp", &user);
+            let (was, is) = (choose_arm(&before, bucket).version, choose_arm(&after, bucket).version);
+            prop_assert!(was == is || is == 2, "{} -> {}", was, is);
+        }
+
         /// Untrusted router configuration: any `arms` text is taken or refused, and
         /// what is taken splits exactly 100 buckets among distinct versions.
         #[test]
