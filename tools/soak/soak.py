@@ -6,7 +6,8 @@ It fails (exit 1) on any lost request (sent and never answered within its timeou
 any wrong answer (a good request that does not succeed, a bad one that is not refused
 with a 4xx naming the problem), a server that dies, or server RSS that grows by more
 than 5 % from the first fifth of the run after the warm-up to its last fifth (medians
-of a sample every 5 s: RSS swings by a few MiB as models reload).
+of a sample taken just before each reload, or every 5 s without reloads: RSS swings by
+several MiB while a reload holds two sets of versions).
 
 Run through scripts/soak.sh (it sets up the environment): `scripts/soak.sh 30`.
 """
@@ -159,18 +160,35 @@ def classifier_config(labels: str) -> str:
     })
 
 
-def reloader(url, stop, tally, every: float, fast_until: float):
+def reloader(url, stop, tally, every: float, fast_until: float, pid: int, rss_samples: list):
     """Reloads every `every` seconds; every half second until `fast_until` (the warm-up:
     the allocator settles after about a hundred reloads, 1-2 MiB above where it starts,
-    and only growth after that is counted)."""
+    and only growth after that is counted). After the warm-up it samples the server's
+    RSS just before each reload: always at the same point of the reload cycle, when one
+    set of versions is loaded (during a reload both the old and the new are)."""
     configs = [classifier_config("negative,neutral,positive"), classifier_config("bad,meh,good")]
     while not stop.wait(0.5 if time.monotonic() < fast_until else every):
+        if time.monotonic() >= fast_until:
+            rss_samples.append(rss_mib(pid))
         body = {"parameters": {"config": configs[tally.counts["reloads"] % 2]}}
         response = requests.post(f"{url}/v2/repository/models/sentiment-classifier/load",
                                  json=body, timeout=120)
         tally.add("reloads")
         if response.status_code != 200:
             tally.add("wrong", f"reload: {response.status_code} {response.text[:200]}")
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 120) -> bool:
+    """Whether the server at `url` became ready before it exited or `timeout` passed."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def rss_mib(pid: int) -> float:
@@ -202,24 +220,18 @@ def main() -> int:
         f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}", f"--metrics-port={ports['metrics']}",
     ], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, ORT_DISABLE_TELEMETRY="1"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(f"tritonserver did not start; see {args.log}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        if not wait_ready(url, server):
+            print(f"tritonserver did not start; see {args.log}", file=sys.stderr)
+            return 1
 
         tally, stop = Tally(), threading.Event()
+        reload_samples: list[float] = []
         workers = [threading.Thread(target=http_traffic, args=(url, stop, tally)) for _ in range(args.clients)]
         kinds = {
             "grpc": (grpc_traffic, (f"127.0.0.1:{ports['grpc']}", stop, tally)),
             "stream": (streaming_traffic, (url, stop, tally)),
-            "reload": (reloader, (url, stop, tally, args.reload_every, time.monotonic() + args.warmup)),
+            "reload": (reloader, (url, stop, tally, args.reload_every,
+                                  time.monotonic() + args.warmup, server.pid, reload_samples)),
         }
         workers += [threading.Thread(target=target, args=targs)
                     for kind, (target, targs) in kinds.items() if kind not in args.skip]
@@ -236,6 +248,9 @@ def main() -> int:
                 print(f"[soak] {(time.monotonic() - started) / 60:5.1f} min  RSS {samples[-1]:.1f} MiB  "
                       f"{dict(tally.counts)}", flush=True)
         alive = server.poll() is None
+        # With reloads, the samples taken at the same point of each reload cycle.
+        if "reload" not in args.skip and len(reload_samples) >= 5:
+            samples = reload_samples
         fifth = max(1, len(samples) // 5)
         rss_start = statistics.median(samples[:fifth]) if samples else float("nan")
         rss_end = statistics.median(samples[-fifth:]) if alive and samples else float("nan")
