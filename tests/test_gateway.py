@@ -220,7 +220,7 @@ def test_generation_streams_pass_through_as_events(gateway):
         "text_input": case["prompt"],
         "parameters": {"do_sample": False, "max_new_tokens": STREAM_REFERENCE["max_new_tokens"]},
     }
-    response = gateway.post("/v2/models/gpt2-small-stream/generate_stream", json_body=body)
+    response = gateway.post("/v2/models/gpt2-small-stream/versions/1/generate_stream", json_body=body)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/event-stream")
     events = [

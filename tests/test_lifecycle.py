@@ -43,7 +43,7 @@ from conftest import (
 CLASSIFIER = "sentiment-classifier"
 SHIPPED = ("sentiment-classifier", "bert-base", "gpt2-small", "gpt2-small-stream")
 # Versions of each shipped model (the streaming variant serves gpt2-small's version 1).
-VERSIONS_OF = {model: ("1", "2") for model in SHIPPED} | {"gpt2-small-stream": ("1",)}
+VERSIONS_OF = {model: ("1", "2") for model in SHIPPED}
 VERSIONS = ("1", "2")
 COLD = "classifier-without-warmup"
 WARM = "classifier-with-warmup"

@@ -11,8 +11,11 @@ load with a message that names the problem.
 
 from __future__ import annotations
 
+import json
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from conftest import (
     error_message,
     infer,
     load_model,
+    load_reference,
     outputs_by_name,
     repository_index,
     text_input,
@@ -265,6 +269,73 @@ def test_weights_change_with_a_reload(explicit_with_targets):
     # A reload with bad weights fails and the router keeps its last good weights.
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:10,2:10")).status_code == 400
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
+
+
+# --- streaming ------------------------------------------------------------------------
+
+STREAM_AB = "gpt2-small-stream-ab"
+GPT2_REFERENCE = load_reference("gpt2-small")
+
+
+def stream_through_router(server, prompt: str) -> tuple[list[str], set[str]]:
+    """One gRPC stream request to the streaming router: its pieces and the versions its
+    responses name."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), answers))
+    tensor = grpcclient.InferInput("text_input", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    parameters = {"do_sample": False, "max_new_tokens": GPT2_REFERENCE["max_new_tokens"]}
+    try:
+        client.async_stream_infer(
+            STREAM_AB, [tensor], parameters=parameters, enable_empty_final_response=True
+        )
+        pieces, versions = [], set()
+        while True:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            response = result.get_response()
+            versions.add(response.parameters["ab_model_version"].string_param)
+            output = result.as_numpy("text_output")
+            if output is not None:
+                pieces.append(output[0].decode())
+            if response.parameters["triton_final_response"].bool_param:
+                return pieces, versions
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_the_streaming_router_relays_the_chosen_versions_stream(server):
+    ref = {v: cases[0] for v, cases in GPT2_REFERENCE["versions"].items()}
+    prompt = ref["1"]["prompt"]
+    assert ref["2"]["prompt"] == prompt
+    seen = set()
+    for _ in range(12):
+        pieces, versions = stream_through_router(server, prompt)
+        assert len(versions) == 1, versions  # every response names the same arm
+        (version,) = versions
+        seen.add(version)
+        # Piece by piece, adding up to that version's greedy continuation.
+        assert len([p for p in pieces if p]) > 1, pieces
+        assert "".join(pieces) == ref[version]["new_text"], (version, pieces)
+    assert seen == {"1", "2"}, seen
+
+
+def test_the_streaming_router_over_sse(server):
+    ref = GPT2_REFERENCE["versions"]
+    body = {
+        "text_input": ref["1"][0]["prompt"],
+        "parameters": {"do_sample": False, "max_new_tokens": GPT2_REFERENCE["max_new_tokens"],
+                       "user_id": "sse-user"},
+    }
+    response = server.post(f"/v2/models/{STREAM_AB}/generate_stream", body)
+    assert response.status_code == 200, response.text
+    events = [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
+              if line.startswith("data: ")]
+    assert len(events) > 1, events
+    text = "".join(e["text_output"] for e in events)
+    assert text in {ref["1"][0]["new_text"], ref["2"][0]["new_text"]}, text
 
 
 # --- sticky users ---------------------------------------------------------------------

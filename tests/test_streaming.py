@@ -22,7 +22,9 @@ import tritonclient.grpc as grpcclient
 from conftest import load_reference
 
 MODEL = "gpt2-small-stream"
-WHOLE_MODEL = "gpt2-small"  # same decoder files as this model's version 1
+# Version 1 of the streaming model has gpt2-small version 1's decoder files.
+MODEL_PATH = f"/v2/models/{MODEL}/versions/1"
+WHOLE_MODEL = "gpt2-small"
 REFERENCE = load_reference(WHOLE_MODEL)
 CASES = REFERENCE["versions"]["1"]
 GREEDY = {"do_sample": False, "max_new_tokens": REFERENCE["max_new_tokens"]}
@@ -48,7 +50,7 @@ def sse_events(response) -> list[dict]:
 
 
 def generate_stream(server, body: dict) -> list[dict]:
-    return sse_events(server.post(f"/v2/models/{MODEL}/generate_stream", body))
+    return sse_events(server.post(f"{MODEL_PATH}/generate_stream", body))
 
 
 def test_generate_stream_sends_pieces_that_add_up_to_the_reference(server):
@@ -70,7 +72,7 @@ def test_generate_with_stream_false_answers_once_like_the_whole_model(server):
         {"text_input": ref["prompt"], "stream": False, "parameters": GREEDY},
         {"text_input": ref["prompt"], "parameters": dict(GREEDY, stream=False)},
     ):
-        response = server.post(f"/v2/models/{MODEL}/generate", body)
+        response = server.post(f"{MODEL_PATH}/generate", body)
         assert response.status_code == 200, response.text
         assert response.json()["text_output"] == expected
     whole = server.post(f"/v2/models/{WHOLE_MODEL}/versions/1/generate",
@@ -81,7 +83,7 @@ def test_generate_with_stream_false_answers_once_like_the_whole_model(server):
 def test_generate_without_stream_false_is_refused_by_triton(server):
     """/generate takes exactly one response, so a stream needs `stream: false` there.
     Triton 2.51 reports this in the body (with HTTP 200, as the headers already went out)."""
-    response = server.post(f"/v2/models/{MODEL}/generate",
+    response = server.post(f"{MODEL_PATH}/generate",
                            {"text_input": "Hello", "parameters": {"max_new_tokens": 3}})
     assert "exactly 1 response" in response.json()["error"], response.text
 
@@ -109,7 +111,7 @@ def test_stop_string_is_never_streamed(server):
 
 
 def test_invalid_parameter_is_an_error_event(server):
-    response = server.post(f"/v2/models/{MODEL}/generate_stream",
+    response = server.post(f"{MODEL_PATH}/generate_stream",
                            {"text_input": "Hello", "parameters": {"temperature": -1}})
     assert "temperature" in response.text, response.text
 
@@ -130,7 +132,11 @@ def grpc_stream(server, inputs, parameters, timeout=60.0):
     client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), answers))
     try:
         client.async_stream_infer(
-            MODEL, inputs, parameters=parameters, enable_empty_final_response=True
+            MODEL,
+            inputs,
+            model_version="1",
+            parameters=parameters,
+            enable_empty_final_response=True,
         )
         responses = []
         deadline = time.monotonic() + timeout
@@ -231,7 +237,9 @@ def test_cancelled_stream_stops_within_a_step_and_frees_the_instance(server):
         client.start_stream(
             callback=partial(lambda q, result, error: q.put((result, error)), answers)
         )
-        client.async_stream_infer(MODEL, [grpc_text(LONG_PROMPTS)], parameters=LONG_JOB)
+        client.async_stream_infer(
+            MODEL, [grpc_text(LONG_PROMPTS)], model_version="1", parameters=LONG_JOB
+        )
         answers.get(timeout=60)  # generation is under way
         client.stop_stream(cancel_requests=True)
         client.close()
@@ -247,7 +255,7 @@ def test_sse_client_that_goes_away_stops_the_generation(server):
         body = json.dumps({"text_input": LONG_PROMPTS, "parameters": LONG_JOB}).encode()
         with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
             connection.sendall(
-                b"POST /v2/models/" + MODEL.encode() + b"/generate_stream HTTP/1.1\r\n"
+                b"POST " + MODEL_PATH.encode() + b"/generate_stream HTTP/1.1\r\n"
                 b"Host: localhost\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
