@@ -24,11 +24,11 @@ import tritonclient.http as httpclient
 
 from conftest import (
     REPO_ROOT,
-    TritonServer,
     assert_error,
     copy_models,
     free_port,
     load_reference,
+    running_server,
     text_input,
 )
 
@@ -76,7 +76,6 @@ class Gateway:
             stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        self.http_port = self.port  # what TritonServer-style helpers read
         deadline = time.monotonic() + 20
         while True:
             assert self.process.poll() is None, (workdir / "nginx.log").read_text()
@@ -105,20 +104,13 @@ class Gateway:
 def triton_and_gateway(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway")
     repository = copy_models(workdir / "model-repository", "sentiment-classifier", "gpt2-small-stream")
-    triton = TritonServer(
-        repository,
-        workdir / "tritonserver.log",
-        args=["--model-control-mode=explicit", "--load-model=*"],
-    )
-    gateway = None
-    try:
-        triton.wait_until()
+    args = ["--model-control-mode=explicit", "--load-model=*"]
+    with running_server(repository, workdir / "tritonserver.log", args) as triton:
         gateway = Gateway(triton, workdir)
-        yield triton, gateway
-    finally:
-        if gateway is not None:
+        try:
+            yield triton, gateway
+        finally:
             gateway.stop()
-        triton.stop()
 
 
 @pytest.fixture

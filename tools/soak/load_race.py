@@ -6,13 +6,14 @@ every crash; each crash leaves its core file and a gdb backtrace of every thread
 `--backend rust` cycles the example sentiment-classifier on libtriton_rust.so; two
 controls without any of our code cycle an identity model: `--backend python` on Triton's
 own Python backend (from the same tritonserver wheel), `--backend identity` on the
-trivial C++ backend in identity_backend/ (built here with c++), which can also wait
-`--after-release-us` after releasing its requests, as any backend that does work after
-its last release does.
+trivial C++ backend in identity_backend/ (built here with c++), whose instances can
+keep a core busy for `--init-us` microseconds while they start, as creating an ONNX
+Runtime session does.
 
 Run through scripts/load-race.sh (it sets up the environment):
     scripts/load-race.sh 30 --backend rust
     scripts/load-race.sh 30 --backend python
+    scripts/load-race.sh 12 --backend identity --init-us 300000
 Exit status 1 when the server crashed at least once.
 """
 
@@ -23,7 +24,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +34,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import REPO_ROOT, free_port, wait_ready  # noqa: E402
+from soak import REPO_ROOT, free_port, stop_server, wait_ready  # noqa: E402
 
 TRITON_DIR = REPO_ROOT / ".deps" / "pytriton" / "pytriton" / "tritonserver"
 STUB_PYTHON = "3.11"  # the stub embeds Debian 12's libpython3.11
@@ -149,13 +149,7 @@ class Server:
             sys.exit(f"tritonserver did not start: {(self.cwd / 'tritonserver.log').read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.process, timeout=30)
         self.log.close()
 
 
@@ -190,8 +184,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("minutes", type=float)
     parser.add_argument("--backend", choices=["rust", "python", "identity"], required=True)
-    parser.add_argument("--after-release-us", type=int, default=0,
-                        help="identity backend: microseconds it waits after its releases")
     parser.add_argument("--init-us", type=int, default=0,
                         help="identity backend: microseconds of CPU an instance takes to initialize")
     parser.add_argument("--clients", type=int, default=8, help="client threads")
@@ -205,7 +197,6 @@ def main() -> int:
     workdir = Path(args.workdir or f"load-race-{args.backend}-{int(time.time())}").resolve()
     workdir.mkdir(parents=True)
     setup = {"rust": rust_setup, "python": python_setup, "identity": identity_setup}[args.backend]
-    os.environ["IDENTITY_AFTER_RELEASE_US"] = str(args.after_release_us)
     os.environ["IDENTITY_INIT_US"] = str(args.init_us)
     repository, backends, model, body, expected = setup(workdir, args.warmup)
 
@@ -275,8 +266,7 @@ def main() -> int:
         thread.join(timeout=70)
     server.stop()
 
-    report = {"backend": args.backend, "after_release_us": args.after_release_us,
-              "init_us": args.init_us,
+    report = {"backend": args.backend, "init_us": args.init_us,
               "warmup": args.warmup,
               "wait_unloaded": args.wait_unloaded, "minutes": args.minutes,
               "clients": args.clients,

@@ -191,6 +191,17 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 120) -> bool
     return False
 
 
+def stop_server(server: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM (tritonserver drains in-flight requests), then SIGKILL after `timeout`."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
@@ -258,9 +269,7 @@ def main() -> int:
         for worker in workers:
             worker.join(timeout=REQUEST_TIMEOUT + 30)
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+        stop_server(server, timeout=60)
         log.close()
 
     counts = tally.counts

@@ -1,17 +1,14 @@
 /* A trivial Triton backend, independent of triton-rust, for tools/soak/load_race.py: it
- * answers each request with its input INPUT0 (FP32) as OUTPUT0, releases the request,
- * and then (like any backend that does something after its last release, e.g. report
- * batch statistics or free buffers) sleeps `IDENTITY_AFTER_RELEASE_US` microseconds
- * (environment variable, default 0) before returning from execute. An instance takes
- * `IDENTITY_INIT_US` microseconds (default 0) of CPU time to initialize (a busy loop, as
- * a real model's session creation keeps a core busy).
+ * answers each request with its input INPUT0 (FP32) as OUTPUT0 and releases it. An
+ * instance takes `IDENTITY_INIT_US` microseconds (environment variable, default 0) of
+ * CPU time to initialize (a busy loop, as a real model's session creation keeps a core
+ * busy).
  *
  * Build: c++ -shared -fPIC -O2 -I<triton include> identity.cc -o libtriton_identity.so
  * (the TRITONBACKEND and TRITONSERVER symbols come from tritonserver at run time). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "triton/core/tritonbackend.h"
 
@@ -24,17 +21,14 @@
     }                                                                           \
   } while (0)
 
-static useconds_t after_release_us = 0;
-static useconds_t init_us = 0;
+static long init_us = 0;
 
 extern "C" {
 
 TRITONSERVER_Error* TRITONBACKEND_Initialize(TRITONBACKEND_Backend* backend) {
   (void)backend;
-  const char* value = getenv("IDENTITY_AFTER_RELEASE_US");
-  after_release_us = value ? (useconds_t)strtoul(value, NULL, 10) : 0;
-  value = getenv("IDENTITY_INIT_US");
-  init_us = value ? (useconds_t)strtoul(value, NULL, 10) : 0;
+  const char* value = getenv("IDENTITY_INIT_US");
+  init_us = value ? strtol(value, NULL, 10) : 0;
   return NULL;
 }
 
@@ -92,9 +86,6 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
       TRITONSERVER_ErrorDelete(failure);
     }
     TRITONBACKEND_RequestRelease(request, TRITONSERVER_REQUEST_RELEASE_ALL);
-  }
-  if (after_release_us > 0) {
-    usleep(after_release_us);
   }
   return NULL;
 }
