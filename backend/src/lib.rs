@@ -155,24 +155,8 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelFinalize(
                 state.version
             );
         }
-        // The model and its instances are gone by now.
-        release_freed_memory();
         Ok(())
     })
-}
-
-/// Hands the memory an unload freed back to the operating system. glibc's malloc keeps
-/// freed chunks in per-thread arenas, and each load's threads (Triton's, ONNX
-/// Runtime's) leave theirs fragmented: without this, a server that reloads models under
-/// traffic grows its RSS by steps for hundreds of reloads although nothing leaks
-/// (BENCHMARKS.md, "Soak"). Under another allocator (tcmalloc, jemalloc) there is
-/// nothing in glibc's arenas to return.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers; it walks glibc's arenas under their locks.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// # Safety
