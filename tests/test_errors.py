@@ -378,12 +378,26 @@ def batching_server(tmp_path_factory):
 
 
 def execution_counts(server, model: str) -> tuple[int, int]:
-    """(inference_count, execution_count) summed over the model's versions."""
-    stats = server.get(f"/v2/models/{model}/stats").json()["model_stats"]
-    return (
-        sum(s["inference_count"] for s in stats),
-        sum(s["execution_count"] for s in stats),
-    )
+    """(inference_count, execution_count) summed over the model's versions, once they
+    settle: the backend reports a request's statistics just after its response goes out,
+    so a client can hold its answer before the count includes it."""
+
+    def read() -> tuple[int, int]:
+        stats = server.get(f"/v2/models/{model}/stats").json()["model_stats"]
+        return (
+            sum(s["inference_count"] for s in stats),
+            sum(s["execution_count"] for s in stats),
+        )
+
+    counts = read()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        latest = read()
+        if latest == counts:
+            return counts
+        counts = latest
+    return counts
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "dynamic-batching"])

@@ -418,3 +418,29 @@ def test_onnxruntime_library_unusable(start_server, bare_backend_dir, tmp_path, 
         *UNUSABLE_LIBRARIES[kind],
     )
     assert triton.is_healthy()
+
+
+# --- glibc's mmap threshold (backend/src/heap.rs) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        ([], {}, "malloc mmap threshold fixed at 262144 bytes"),
+        (["--backend-config=rust,malloc-mmap-threshold=1048576"], {}, "fixed at 1048576 bytes"),
+        ([], {"MALLOC_MMAP_THRESHOLD_": "131072"}, "left as it is (set by the environment)"),
+        (["--backend-config=rust,malloc-mmap-threshold=0"], {}, "left as it is (malloc-mmap-threshold=0)"),
+    ],
+    ids=["default", "configured", "environment", "off"],
+)
+def test_the_malloc_mmap_threshold_setting(start_server, args, env, expected):
+    triton = start_explicit(start_server, None, args, env)
+    response = load_model(triton, CLASSIFIER)
+    assert response.status_code == 200, error_message(response)
+    assert expected in triton.log()
+
+
+def test_a_bad_malloc_mmap_threshold_fails_the_load_with_its_name(start_server):
+    triton = start_explicit(start_server, None, ["--backend-config=rust,malloc-mmap-threshold=lots"])
+    assert_error(load_model(triton, CLASSIFIER), "malloc-mmap-threshold", "a number of bytes")
+    assert triton.is_healthy()

@@ -12,18 +12,26 @@ load with a message that names the problem.
 from __future__ import annotations
 
 import json
+import os
 import queue
+import shutil
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (
     MODEL_REPOSITORY,
+    REPO_ROOT,
     assert_error,
     classifier_config,
     error_message,
@@ -192,6 +200,249 @@ def test_router_statistics_count_its_requests(server):
     assert int(stats_after["fail"]["count"]) - int(stats_before["fail"]["count"]) == 1
 
 
+# --- what Triton's scheduler knows of a request reaches the version -----------------
+
+ECHO_CONFIG = """name: "request-echo"
+backend: "identity"
+max_batch_size: 0
+version_policy: { all { } }
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "TIMEOUT_US", data_type: TYPE_UINT64, dims: [ 1 ] } ]
+"""
+
+
+@pytest.fixture
+def echo_router(start_server, tmp_path):
+    """Factory: a server with `request-echo` (versions 1 and 2) on the trivial C++
+    backend of tools/soak/identity_backend/, whose output TIMEOUT_US is the timeout each
+    request reached it with, and a 50/50 router in front of it, `request-echo-ab`;
+    `challenger_delay_us` makes version 2 answer that much later."""
+    return partial(make_echo_router, start_server, tmp_path)
+
+
+def make_echo_router(start_server, tmp_path, challenger_delay_us: int = 0, **parameters: str):
+    backends = tmp_path / "backends"
+    (backends / "identity").mkdir(parents=True)
+    (backends / "rust").symlink_to(Path(os.environ["TRITON_RUST_BACKEND_DIR"]) / "rust")
+    include = REPO_ROOT / "triton-sys" / "third_party" / "triton-core-r24.10" / "include"
+    subprocess.run(
+        ["c++", "-shared", "-fPIC", "-O2", f"-I{include}",
+         str(REPO_ROOT / "tools" / "soak" / "identity_backend" / "identity.cc"),
+         "-o", str(backends / "identity" / "libtriton_identity.so")],
+        check=True,
+    )
+    repository = tmp_path / "repository"
+    for version in ("1", "2"):
+        (repository / "request-echo" / version).mkdir(parents=True)
+    (repository / "request-echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    if challenger_delay_us:
+        (repository / "request-echo" / "2" / "delay_us").write_text(f"{challenger_delay_us}\n")
+    (repository / "request-echo-ab" / "1").mkdir(parents=True)
+    router = ECHO_CONFIG.replace('name: "request-echo"', 'name: "request-echo-ab"')
+    router = router.replace('backend: "identity"', 'backend: "rust"')
+    router = router.replace("version_policy: { all { } }\n", "")
+    router += (
+        'parameters: { key: "task", value: { string_value: "traffic-split" } }\n'
+        'parameters: { key: "target_model", value: { string_value: "request-echo" } }\n'
+        'parameters: { key: "arms", value: { string_value: "1:50,2:50" } }\n'
+    )
+    for key, value in parameters.items():
+        router += f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
+    (repository / "request-echo-ab" / "config.pbtxt").write_text(router)
+    return start_server(
+        repository,
+        args=["--model-control-mode=explicit", "--load-model=request-echo", "--load-model=request-echo-ab"],
+        backend_dir=backends,
+    )
+
+
+def test_the_clients_timeout_reaches_the_version(echo_router):
+    server = echo_router()
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
+    timed = dict(body, parameters={"timeout": 250_000})
+
+    def timeout_seen(model: str, request: dict) -> tuple[int, str | None]:
+        response = server.post(f"/v2/models/{model}/infer", request)
+        assert response.status_code == 200, response.text
+        version = response.json().get("parameters", {}).get("ab_model_version")
+        return response.json()["outputs"][0]["data"][0], version
+
+    # Triton takes the KServe parameter as the request's timeout.
+    assert timeout_seen("request-echo", timed)[0] == 250_000
+    assert timeout_seen("request-echo", body)[0] == 0
+    seen = {timeout_seen("request-echo-ab", timed) for _ in range(30)}
+    assert seen == {(250_000, "1"), (250_000, "2")}, seen
+    assert {timeout_seen("request-echo-ab", body)[0] for _ in range(10)} == {0}
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        tensor = grpcclient.InferInput("INPUT0", [1], "FP32")
+        tensor.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+        result = client.infer("request-echo-ab", [tensor], timeout=180_000)
+        assert result.as_numpy("TIMEOUT_US").tolist() == [180_000]
+    finally:
+        client.close()
+
+
+# --- per-arm metrics on Triton's :8002 ------------------------------------------------
+
+AB_METRICS = ("triton_rust_ab_requests_total", "triton_rust_ab_failures_total",
+              "triton_rust_ab_request_duration_seconds_count", "triton_rust_ab_arm_weight_percent",
+              "triton_rust_ab_window_samples", "triton_rust_ab_p_value",
+              "triton_rust_ab_p_value_fixed_horizon")
+
+
+def ab_metrics(server, router: str, target: str = "sentiment-classifier") -> dict[tuple[str, str], float]:
+    """{(sample name, version): value} of `router`'s A/B series on Triton's metrics
+    endpoint, parsed by the Prometheus client library's parser; the p-values' names
+    end with their test, e.g. `triton_rust_ab_p_value/latency`."""
+    text = requests.get(server.metrics_url, timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in AB_METRICS and sample.labels.get("router") == router:
+                labels = sample.labels
+                assert labels["arm"] == f"v{labels['version']}", labels
+                assert labels["target"] == target, labels
+                name = f"{sample.name}/{labels['test']}" if "test" in labels else sample.name
+                samples[(name, labels["version"])] = sample.value
+    return samples
+
+
+def test_per_arm_metrics_count_what_each_arm_served(server):
+    before = ab_metrics(server, CLASSIFIER_AB)
+    served = arm_counts(server, CLASSIFIER_AB, {"inputs": [text_input(["Counted per arm."])]}, 60)
+    bad = 7
+    for _ in range(bad):
+        assert_error(infer(server, CLASSIFIER_AB, [text_input([""])]), "is empty")
+    after = ab_metrics(server, CLASSIFIER_AB)
+
+    def delta(name: str, version: str) -> float:
+        return after[(name, version)] - before.get((name, version), 0.0)
+
+    assert set(served) == {"1", "2"}, served
+    failures = 0.0
+    for version in ("1", "2"):
+        forwarded = delta("triton_rust_ab_requests_total", version)
+        failed = delta("triton_rust_ab_failures_total", version)
+        assert forwarded - failed == served[version], (version, before, after)
+        # Every forwarded request was answered, and timed.
+        assert delta("triton_rust_ab_request_duration_seconds_count", version) == forwarded
+        assert after[("triton_rust_ab_arm_weight_percent", version)] == 50
+        failures += failed
+    assert failures == bad, (before, after)
+
+
+def test_statistics_compare_each_challenger_with_the_champion(server):
+    """sentiment-classifier-ab's versions are alike: the challenger (v2) has p-values
+    and a window; the champion (v1, the first arm) has a window only."""
+    for _ in range(3):
+        arm_counts(server, CLASSIFIER_AB, {"inputs": [text_input(["Compared."])]}, 60)
+    metrics = ab_metrics(server, CLASSIFIER_AB)
+    assert ("triton_rust_ab_p_value/latency", "1") not in metrics, metrics
+    assert metrics[("triton_rust_ab_window_samples", "1")] > 0, metrics
+    assert metrics[("triton_rust_ab_window_samples", "2")] > 0, metrics
+    for test in ("latency", "errors"):
+        for name in ("triton_rust_ab_p_value", "triton_rust_ab_p_value_fixed_horizon"):
+            assert 0.0 <= metrics[(f"{name}/{test}", "2")] <= 1.0, metrics
+
+
+def test_a_slower_challenger_is_found(echo_router):
+    """Version 2 answers 4 ms late: its always-valid latency p-value falls far below
+    any alarm level within 400 requests, sent one at a time (the tests take requests as
+    independent, which concurrent requests queueing on one instance are not: see the
+    README). That alike versions raise no more false alarms than the level allows is
+    shown on simulated requests (`ab_stats` unit tests): on a busy machine two copies of
+    one version can really differ by more than the allowed 20 %."""
+    server = echo_router(challenger_delay_us=4000)
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
+    for _ in range(400):
+        response = server.post("/v2/models/request-echo-ab/infer", body)
+        assert response.status_code == 200, response.text
+    metrics = ab_metrics(server, "request-echo-ab", target="request-echo")
+    assert metrics[("triton_rust_ab_p_value/latency", "2")] < 1e-4, metrics
+    assert metrics[("triton_rust_ab_p_value_fixed_horizon/latency", "2")] < 1e-4, metrics
+    # No request failed: no evidence against the challenger's error rate.
+    assert metrics[("triton_rust_ab_p_value/errors", "2")] == 1.0, metrics
+    assert metrics[("triton_rust_ab_window_samples", "1")] + metrics[
+        ("triton_rust_ab_window_samples", "2")
+    ] == 400, metrics
+
+
+# --- canary releases -------------------------------------------------------------------
+
+ECHO_BODY = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
+
+
+def canary_state(server) -> dict[str, float]:
+    text = requests.get(server.metrics_url, timeout=10).text
+    return {
+        sample.labels["state"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "triton_rust_ab_canary_state" and sample.labels["router"] == "request-echo-ab"
+    }
+
+
+def send_one_at_a_time(server, requests_count: int) -> list[str]:
+    """The versions that served `requests_count` requests sent one after another."""
+    versions = []
+    for _ in range(requests_count):
+        response = server.post("/v2/models/request-echo-ab/infer", ECHO_BODY)
+        assert response.status_code == 200, response.text
+        versions.append(response.json()["parameters"]["ab_model_version"])
+    return versions
+
+
+def test_a_slower_canary_is_rolled_back_at_once(echo_router):
+    server = echo_router(challenger_delay_us=4000, canary_steps="10,50,100", canary_min_samples="30")
+    assert canary_state(server) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    versions = send_one_at_a_time(server, 600)
+    assert "2" in versions[:300], "the canary got no traffic at its first step"
+    assert canary_state(server) == {"progressing": 0, "promoted": 0, "rolled_back": 1}
+    assert set(versions[-100:]) == {"1"}, versions[-100:]
+    assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 100, "2": 0}
+    assert "canary 'request-echo-ab': Step(0) -> RolledBack: the challenger is worse (latency" in server.log()
+
+
+def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_starts_it_again(echo_router):
+    # A generous latency margin: two copies of one version can differ on a busy machine.
+    server = echo_router(canary_steps="10,50,100", canary_min_samples="30",
+                         latency_regression_percent="100")
+    versions = send_one_at_a_time(server, 900)
+    assert canary_state(server) == {"progressing": 0, "promoted": 1, "rolled_back": 0}
+    assert set(versions[-100:]) == {"2"}, versions[-100:]
+    assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 0, "2": 100}
+    log = server.log()
+    first, second = log.index("Step(0) -> Step(1)"), log.index("Step(1) -> Promoted")
+    assert first < second
+    # The canary lives in the router's memory: a reload (or a restart) starts it again.
+    config = server.get("/v2/models/request-echo-ab/config").json()
+    config["parameters"]["canary_min_samples"] = {"string_value": "31"}
+    response = load_model(server, "request-echo-ab", config)
+    assert response.status_code == 200, error_message(response)
+    assert canary_state(server) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 90, "2": 10}
+
+
+def test_the_metrics_pass_promtool(server):
+    """`promtool check metrics` on our families' exposition (Triton's own `nv_*` counters
+    have no `_total` suffix, which promtool flags, so they are left out)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (scripts/lint-deploy.sh installs it)")
+    assert infer(server, CLASSIFIER_AB, [text_input(["Linted."])]).status_code == 200
+    text = requests.get(server.metrics_url, timeout=10).text
+    ours = "".join(
+        line + "\n" for line in text.splitlines()
+        if line.startswith(("triton_rust_", "# HELP triton_rust_", "# TYPE triton_rust_"))
+    )
+    assert "triton_rust_ab_request_duration_seconds_bucket" in ours, ours
+    result = subprocess.run([promtool, "check", "metrics"], input=ours, text=True,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- loading: a bad router configuration is a clear load error ------------------------
 
 
@@ -231,6 +482,10 @@ BAD_ROUTERS = {
     "unknown-parameter": (router_config(weights="1:50"), "unknown parameter 'weights'"),
     "onnx-parameter": (router_config(intra_op_thread_count="2"), "only applies to task"),
     "other-tensors": (with_output_dims([-1, 4]), "must serve what 'sentiment-classifier' version 1 serves"),
+    "window-too-large": (router_config(stats_window="200000"), "'stats_window' must be at most 100000"),
+    "negative-margin": (router_config(latency_regression_percent="-5"), "must be an integer from 0 to 1000"),
+    "canary-never-promoted": (router_config(canary_steps="5,25"), "must end at 100"),
+    "canary-alpha": (router_config(canary_steps="5,100", canary_alpha="2"), "must be a number above 0 and at most 0.5"),
 }
 
 
@@ -264,11 +519,59 @@ def test_weights_change_with_a_reload(explicit_with_targets):
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:0,2:100")).status_code == 200
     body = {"inputs": [text_input(["Only two."])]}
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"2"}
+    assert weights_on_metrics(server) == {"1": 0, "2": 100}
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:100,2:0")).status_code == 200
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
+    assert weights_on_metrics(server) == {"1": 100, "2": 0}
+    # The series outlive the reload: version 2's 20 requests are still counted.
+    metrics = ab_metrics(server, CLASSIFIER_AB)
+    assert metrics[("triton_rust_ab_requests_total", "2")] == 20, metrics
+    assert metrics[("triton_rust_ab_requests_total", "1")] == 20, metrics
     # A reload with bad weights fails and the router keeps its last good weights.
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:10,2:10")).status_code == 400
     assert {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1] for _ in range(20)} == {"1"}
+    assert weights_on_metrics(server) == {"1": 100, "2": 0}
+
+
+def test_weights_change_under_load_without_a_failed_request(explicit_with_targets):
+    """Four clients send to the router while it is reloaded with new weights eight
+    times: every request is answered 200, and after each reload the new weights serve."""
+    server = explicit_with_targets
+    assert load_model(server, CLASSIFIER_AB).status_code == 200
+    body = {"inputs": [text_input(["Under load."])]}
+    stop = threading.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            response = session.post(f"{server.http_url}/v2/models/{CLASSIFIER_AB}/infer",
+                                    json=body, timeout=60)
+            outcomes.append((response.status_code, response.text[:300]))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for arms, only in [("1:0,2:100", "2"), ("1:100,2:0", "1")] * 4:
+            assert load_model(server, CLASSIFIER_AB, router_config(arms=arms)).status_code == 200
+            versions = {served_by(server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body))[1]
+                        for _ in range(10)}
+            assert versions == {only}, (arms, versions)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    failed = [outcome for outcome in outcomes if outcome[0] != 200]
+    assert len(outcomes) > 100 and not failed, (len(outcomes), failed[:5])
+
+
+def weights_on_metrics(server, router=CLASSIFIER_AB, target="sentiment-classifier") -> dict[str, float]:
+    return {
+        version: value
+        for (name, version), value in ab_metrics(server, router, target).items()
+        if name == "triton_rust_ab_arm_weight_percent"
+    }
 
 
 # --- streaming ------------------------------------------------------------------------

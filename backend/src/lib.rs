@@ -5,11 +5,15 @@
 //! `TRITONBACKEND_*` entry points: each one catches panics (a panic must never cross the
 //! FFI boundary) and turns errors into `TRITONSERVER_Error`s for Triton.
 
+pub mod ab_metrics;
+pub mod ab_stats;
 pub mod bytes_tensor;
+pub mod canary;
 pub mod config;
 pub mod error;
 pub mod generation;
 pub mod health;
+pub mod heap;
 pub mod memory;
 pub mod model;
 pub mod onnx;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::ModelConfig;
 use crate::error::BackendError;
+use crate::heap::{self, MmapThreshold};
 use crate::onnx::{Device, OnnxRuntimeLibrary};
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
 use crate::settings;
@@ -23,7 +24,7 @@ use crate::triton::{
 };
 use crate::types::{DataType, MemoryUsage, ParameterValue};
 use crate::warmup;
-use crate::{log_error, log_info};
+use crate::{log_error, log_info, log_warn};
 
 /// The Triton error a request gets for `error`.
 fn triton_error(error: &BackendError) -> Error {
@@ -69,6 +70,24 @@ impl BackendState {
                 log_info!("triton-rust: ONNX Runtime library: {}", path.display())
             }
             OnnxRuntimeLibrary::Missing(reason) => log_error!("triton-rust: {reason}"),
+        }
+        let threshold = heap::choose(
+            config
+                .pointer("/cmdline/malloc-mmap-threshold")
+                .and_then(serde_json::Value::as_str),
+            heap::set_by_environment(),
+        )
+        .map_err(Error::from)?;
+        match threshold {
+            MmapThreshold::Fixed(bytes) if heap::fix_mmap_threshold(bytes) => {
+                log_info!("triton-rust: malloc mmap threshold fixed at {bytes} bytes")
+            }
+            MmapThreshold::Fixed(bytes) => {
+                log_warn!("triton-rust: malloc did not take an mmap threshold of {bytes} bytes")
+            }
+            MmapThreshold::Untouched(reason) => {
+                log_info!("triton-rust: malloc mmap threshold left as it is ({reason})")
+            }
         }
         Ok(BackendState { onnxruntime })
     }
@@ -190,6 +209,7 @@ fn check_warmup<T: Task>(
             inputs: request.inputs,
             parameters: Vec::new(),
             requested_outputs: outputs.clone(),
+            timeout_us: 0,
         };
         task.prepare(data).map_err(|error| {
             BackendError::Config(format!("model_warmup sample '{}': {error}", request.sample))
@@ -331,6 +351,7 @@ fn read_request(request: &Request) -> Result<RequestData<'_>, Error> {
         inputs,
         parameters: request.parameters()?,
         requested_outputs: request.requested_output_names()?,
+        timeout_us: request.timeout_us()?,
     })
 }
 

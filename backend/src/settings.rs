@@ -100,6 +100,19 @@ pub fn positive_at_most<'de, const MAX: usize, D: Deserializer<'de>>(
     bounded_positive(&text, MAX, "").map_err(serde::de::Error::custom)
 }
 
+/// Reads an integer parameter from 0 to `MAX`.
+pub fn at_most<'de, const MAX: usize, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<usize, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.trim().parse::<usize>() {
+        Ok(value) if value <= MAX => Ok(value),
+        Ok(_) => Err(format!("must be at most {MAX}, got '{text}'")),
+        Err(_) => Err(format!("must be an integer from 0 to {MAX}, got '{text}'")),
+    }
+    .map_err(serde::de::Error::custom)
+}
+
 /// [`positive_at_most`] for a parameter without a default.
 pub fn optional_positive_at_most<'de, const MAX: usize, D: Deserializer<'de>>(
     deserializer: D,

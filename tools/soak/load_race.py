@@ -152,6 +152,16 @@ class Server:
         stop_server(self.process, timeout=30)
         self.log.close()
 
+    def fatal_signal(self) -> str | None:
+        """The fatal-signal report in the server's log, if any: glibc's heap-corruption
+        message and Triton's "Signal (6) received." (Triton's handler then shuts the
+        server down, which can hang instead of exiting)."""
+        self.log.flush()
+        text = (self.cwd / "tritonserver.log").read_text(errors="replace")
+        lines = [line for line in text.splitlines()
+                 if line.startswith("Signal (") or "corrupt" in line or line.startswith(("malloc", "free()"))]
+        return "; ".join(lines[:3]) if lines else None
+
 
 def backtrace(server: Server) -> str:
     cores = sorted(server.cwd.glob("core*"))
@@ -166,6 +176,16 @@ def backtrace(server: Server) -> str:
         capture_output=True, text=True, timeout=300)
     (server.cwd / "backtrace.txt").write_text(result.stdout + result.stderr)
     return f"core file {cores[0]}, backtrace in {server.cwd / 'backtrace.txt'}"
+
+
+def live_backtrace(server: Server) -> str:
+    if not shutil.which("gdb"):
+        return "install gdb for a backtrace"
+    result = subprocess.run(
+        ["gdb", "-batch", "-p", str(server.process.pid), "-ex", "thread apply all bt 20"],
+        capture_output=True, text=True, timeout=300)
+    (server.cwd / "backtrace.txt").write_text(result.stdout + result.stderr)
+    return f"backtrace of the live server in {server.cwd / 'backtrace.txt'}"
 
 
 def wait_unloaded(url: str, model: str, timeout: float = 60) -> None:
@@ -186,6 +206,8 @@ def main() -> int:
     parser.add_argument("--backend", choices=["rust", "python", "identity"], required=True)
     parser.add_argument("--init-us", type=int, default=0,
                         help="identity backend: microseconds of CPU an instance takes to initialize")
+    parser.add_argument("--trim-on-finalize", action="store_true",
+                        help="identity backend: malloc_trim(0) when a model is finalized")
     parser.add_argument("--clients", type=int, default=8, help="client threads")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="give the model a model_warmup sample (default: yes)")
@@ -198,6 +220,7 @@ def main() -> int:
     workdir.mkdir(parents=True)
     setup = {"rust": rust_setup, "python": python_setup, "identity": identity_setup}[args.backend]
     os.environ["IDENTITY_INIT_US"] = str(args.init_us)
+    os.environ["IDENTITY_TRIM_ON_FINALIZE"] = "1" if args.trim_on_finalize else "0"
     repository, backends, model, body, expected = setup(workdir, args.warmup)
 
     counts: Counter = Counter()
@@ -250,10 +273,19 @@ def main() -> int:
                     wait_unloaded(server.url, model)
         except requests.RequestException:
             pass
-        if server.process.poll() is not None:
+        signal_report = server.fatal_signal()
+        if server.process.poll() is not None or signal_report:
             alive.clear()
-            code = server.process.returncode
-            crashes.append(f"exit {code} after {counts['loads']} loads: {backtrace(server)}")
+            if server.process.poll() is None:
+                # Caught by Triton's handler: a backtrace of every live thread, then a kill.
+                trace = live_backtrace(server)
+                server.process.kill()
+                server.process.wait()
+                crashes.append(f"{signal_report} after {counts['loads']} loads: {trace}")
+            else:
+                code = server.process.returncode
+                what = signal_report or f"exit {code}"
+                crashes.append(f"{what} after {counts['loads']} loads: {backtrace(server)}")
             print(f"CRASH {crashes[-1]}", flush=True)
             server.stop()
             server = Server(repository, backends, workdir, len(crashes))
@@ -267,6 +299,7 @@ def main() -> int:
     server.stop()
 
     report = {"backend": args.backend, "init_us": args.init_us,
+              "trim_on_finalize": args.trim_on_finalize,
               "warmup": args.warmup,
               "wait_unloaded": args.wait_unloaded, "minutes": args.minutes,
               "clients": args.clients,

@@ -79,6 +79,8 @@ pub struct RequestData<'r> {
     pub parameters: Vec<(String, ParameterValue)>,
     /// The outputs the client asked for (all the model's outputs when it named none).
     pub requested_outputs: Vec<String>,
+    /// The request's timeout in microseconds (0: none).
+    pub timeout_us: u64,
 }
 
 /// A prepared request waiting in a batch, and who answers it.

@@ -10,6 +10,10 @@
 //! their arm, and growing the last arm only moves users into it; other requests land
 //! in a random bucket.
 //!
+//! Each arm's requests, failures and latencies go to Triton's metrics endpoint, and each
+//! challenger (every arm after the first, the champion) is compared with the champion
+//! by sequential tests (`ab_metrics`, `ab_stats`).
+//!
 //! The router has no files of its own: its configuration names the target model and
 //! the arms, and declares the target's inputs and outputs. A load checks that each
 //! arm's version directory exists and, once the server can answer (Triton refuses
@@ -31,10 +35,13 @@ use super::task::{
     InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract, fail_all,
     unzip_batch,
 };
+use crate::ab_metrics::{ArmSpec, ArmStats};
+use crate::ab_stats::Margins;
+use crate::canary::{Canary, parse_steps};
 use crate::config::{ModelConfig, TensorSpec};
 use crate::error::{BackendError, ErrorCode};
 use crate::responder::{OutputWriter, Responder};
-use crate::settings::{SettingsGroup, positive_at_most};
+use crate::settings::{SettingsGroup, at_most, positive_at_most};
 use crate::triton::{
     Error, InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, Server,
 };
@@ -109,6 +116,18 @@ fn default_ready_timeout() -> usize {
     30
 }
 
+fn default_stats_window() -> usize {
+    5000
+}
+
+fn default_latency_regression() -> usize {
+    20
+}
+
+fn default_error_regression() -> usize {
+    1
+}
+
 /// The router's parameters.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RouterSettings {
@@ -129,6 +148,64 @@ pub struct RouterSettings {
     /// name assigns the users afresh.
     #[serde(default)]
     pub experiment: Option<String>,
+    /// Answered requests per arm that the statistics between arms look at.
+    #[serde(
+        default = "default_stats_window",
+        deserialize_with = "positive_at_most::<100000, _>"
+    )]
+    pub stats_window: usize,
+    /// How much slower than the champion (percent) a challenger may be before the
+    /// latency test counts it as worse.
+    #[serde(
+        default = "default_latency_regression",
+        deserialize_with = "at_most::<1000, _>"
+    )]
+    pub latency_regression_percent: usize,
+    /// How many percentage points a challenger's error rate may exceed the champion's
+    /// before the error test counts it as worse.
+    #[serde(
+        default = "default_error_regression",
+        deserialize_with = "at_most::<100, _>"
+    )]
+    pub error_rate_regression_points: usize,
+    /// Canary mode: the challenger's weight at each step, e.g. `5,25,50,100`.
+    #[serde(default, deserialize_with = "canary_steps")]
+    pub canary_steps: Option<Vec<u32>>,
+    /// Canary mode: challenger answers a step needs before the next.
+    #[serde(
+        default = "default_canary_min_samples",
+        deserialize_with = "positive_at_most::<100000, _>"
+    )]
+    pub canary_min_samples: usize,
+    /// Canary mode: below this always-valid p-value the challenger is rolled back.
+    #[serde(default = "default_canary_alpha", deserialize_with = "probability")]
+    pub canary_alpha: f64,
+}
+
+fn canary_steps<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u32>>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_steps(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Reads a significance level in (0, 0.5].
+fn probability<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.trim().parse::<f64>() {
+        Ok(level) if level > 0.0 && level <= 0.5 => Ok(level),
+        _ => Err(serde::de::Error::custom(format!(
+            "must be a number above 0 and at most 0.5, got '{text}'"
+        ))),
+    }
+}
+
+fn default_canary_min_samples() -> usize {
+    200
+}
+
+fn default_canary_alpha() -> f64 {
+    0.01
 }
 
 impl SettingsGroup for RouterSettings {}
@@ -139,6 +216,8 @@ pub struct ForwardedRequest {
     inputs: Vec<(String, InputTensor<'static>)>,
     parameters: Vec<(String, ParameterValue)>,
     outputs: Vec<String>,
+    /// The client's timeout, in microseconds (0: none).
+    timeout_us: u64,
     /// The bucket of the request's user, if it names one.
     user_bucket: Option<u32>,
 }
@@ -154,6 +233,8 @@ pub struct TrafficSplit {
     /// Set once the arms were found ready and serving the router's tensors.
     verified: OnceLock<()>,
     cancel_watch: CancelWatch,
+    /// The arms' metrics and statistics, in the order of `arms`.
+    arm_stats: Arc<ArmStats>,
 }
 
 impl Task for TrafficSplit {
@@ -199,11 +280,48 @@ impl Task for TrafficSplit {
             .experiment
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| model.name.to_owned());
+        let canary = match settings.canary_steps {
+            Some(_) if arms.len() != 2 => {
+                return Err(BackendError::Config(format!(
+                    "parameter 'canary_steps' needs exactly two arms, the champion then the \
+                     challenger (got {})",
+                    arms.len()
+                )));
+            }
+            Some(steps) => Some(Canary::new(
+                steps,
+                settings.canary_min_samples,
+                settings.canary_alpha,
+            )),
+            None => None,
+        };
+        let names: Vec<String> = arms.iter().map(Arm::name).collect();
+        let specs: Vec<ArmSpec<'_>> = arms
+            .iter()
+            .zip(&names)
+            .map(|(arm, name)| ArmSpec {
+                name,
+                version: arm.version,
+                weight: arm.weight,
+            })
+            .collect();
+        let arm_stats = Arc::new(ArmStats::new(
+            model.name,
+            &target,
+            &specs,
+            settings.stats_window,
+            Margins {
+                latency: settings.latency_regression_percent as f64 / 100.0,
+                error_rate: settings.error_rate_regression_points as f64 / 100.0,
+            },
+            canary,
+        ));
         let router = TrafficSplit {
             server: model.server,
             target,
             arms,
             experiment,
+            arm_stats,
             config: model.config.clone(),
             verified: OnceLock::new(),
             cancel_watch: CancelWatch::start(),
@@ -245,6 +363,7 @@ impl Task for TrafficSplit {
             inputs,
             parameters: request.parameters,
             outputs: request.requested_outputs,
+            timeout_us: request.timeout_us,
             user_bucket,
         })
     }
@@ -263,9 +382,16 @@ impl Task for TrafficSplit {
                 .request
                 .user_bucket
                 .unwrap_or_else(|| random_bucket(rng));
-            let arm = choose_arm(&self.arms, bucket);
-            if let Err((Some(mut responder), error)) = self.forward(pending, arm) {
-                responder.fail(&error);
+            let index = match self.arm_stats.canary_weight() {
+                Some(weight) => choose_arm(&canary_arms(&self.arms, weight), bucket),
+                None => choose_arm(&self.arms, bucket),
+            };
+            self.arm_stats.forwarded(index);
+            if let Err((responder, error)) = self.forward(pending, index) {
+                self.arm_stats.not_sent(index);
+                if let Some(mut responder) = responder {
+                    responder.fail(&error);
+                }
             }
         }
     }
@@ -313,8 +439,9 @@ impl TrafficSplit {
     }
 
     /// Sends the request to `arm`; its responses are relayed by [`Relay`].
-    fn forward(&self, pending: Pending<ForwardedRequest>, arm: Arm) -> Result<(), Unsent> {
+    fn forward(&self, pending: Pending<ForwardedRequest>, index: usize) -> Result<(), Unsent> {
         let Pending { request, responder } = pending;
+        let arm = self.arms[index];
         let builder = (|| {
             let mut builder = InferenceRequestBuilder::new(self.server, &self.target, arm.version)?;
             for (name, tensor) in request.inputs {
@@ -326,6 +453,9 @@ impl TrafficSplit {
             }
             for name in &request.outputs {
                 builder.add_requested_output(name)?;
+            }
+            if request.timeout_us > 0 {
+                builder.timeout_us(request.timeout_us)?;
             }
             Ok::<_, Error>(builder)
         })();
@@ -341,6 +471,9 @@ impl TrafficSplit {
             responder: Arc::clone(&responder),
             upstream,
             arm,
+            index,
+            arm_stats: Arc::clone(&self.arm_stats),
+            forwarded_at: Instant::now(),
         };
         builder
             .send(move |event| relay.deliver(event))
@@ -362,6 +495,10 @@ struct Relay {
     /// Cancels the forwarded request when the client cancels.
     upstream: InFlight,
     arm: Arm,
+    /// The arm's place in `arms`, for the experiment.
+    index: usize,
+    arm_stats: Arc<ArmStats>,
+    forwarded_at: Instant,
 }
 
 impl Relay {
@@ -373,16 +510,19 @@ impl Relay {
         let Some(responder) = slot.as_mut() else {
             return;
         };
-        let done = match event {
+        // Whether the request is over, and if so whether it failed (a cancellation is
+        // not the arm's failure).
+        let ended = match event {
             ResponseEvent::Final => {
                 responder.end();
-                true
+                Some(false)
             }
             ResponseEvent::Response(response) => {
                 let last = response.is_final();
                 if let Some(error) = response.error() {
+                    let cancelled = error.code == ErrorCode::Cancelled;
                     responder.fail(&error.relayed());
-                    true
+                    Some(!cancelled)
                 } else {
                     let sent = responder.respond(last, &mut |writer| self.copy(&response, writer));
                     match sent {
@@ -390,15 +530,18 @@ impl Relay {
                         Err(error) if !last => {
                             responder.fail(&error);
                             let _ignored = self.upstream.cancel();
-                            true
+                            Some(true)
                         }
-                        _ => last,
+                        Err(_) => Some(true),
+                        Ok(()) => last.then_some(false),
                     }
                 }
             }
         };
-        if done {
+        if let Some(failed) = ended {
             *slot = None;
+            self.arm_stats
+                .answered(self.index, self.forwarded_at.elapsed(), failed);
         }
     }
 
@@ -555,18 +698,30 @@ fn user_of(parameters: &[(String, ParameterValue)]) -> Result<Option<String>, Ba
     Ok(None)
 }
 
-/// The arm owning `bucket`: arms own contiguous ranges of `0..100`, in order, as wide
-/// as their weights.
-fn choose_arm(arms: &[Arm], bucket: u32) -> Arm {
+/// A canary router's two arms with the challenger at `weight` (so growing it moves
+/// users only into the challenger, as any last arm).
+fn canary_arms(arms: &[Arm], weight: u32) -> Vec<Arm> {
+    arms.iter()
+        .enumerate()
+        .map(|(index, arm)| Arm {
+            weight: if index == 0 { 100 - weight } else { weight },
+            ..*arm
+        })
+        .collect()
+}
+
+/// The index of the arm owning `bucket`: arms own contiguous ranges of `0..100`, in
+/// order, as wide as their weights.
+fn choose_arm(arms: &[Arm], bucket: u32) -> usize {
     let mut end = 0;
-    for arm in arms {
+    for (index, arm) in arms.iter().enumerate() {
         end += arm.weight;
         if bucket < end {
-            return *arm;
+            return index;
         }
     }
     // Unreachable with weights summing to 100; the last arm keeps it total.
-    arms[arms.len() - 1]
+    arms.len().saturating_sub(1)
 }
 
 /// Waits for `target` version `version` to be ready, up to `timeout`.
@@ -684,15 +839,15 @@ mod tests {
     #[test]
     fn arms_own_contiguous_buckets() {
         let arms = parse_arms("1:70,2:30").expect("valid");
-        assert_eq!(choose_arm(&arms, 0).version, 1);
-        assert_eq!(choose_arm(&arms, 69).version, 1);
-        assert_eq!(choose_arm(&arms, 70).version, 2);
-        assert_eq!(choose_arm(&arms, 99).version, 2);
+        assert_eq!(arms[choose_arm(&arms, 0)].version, 1);
+        assert_eq!(arms[choose_arm(&arms, 69)].version, 1);
+        assert_eq!(arms[choose_arm(&arms, 70)].version, 2);
+        assert_eq!(arms[choose_arm(&arms, 99)].version, 2);
         let zero = parse_arms("1:100,2:0").expect("valid");
-        assert!((0..100).all(|b| choose_arm(&zero, b).version == 1));
+        assert!((0..100).all(|b| zero[choose_arm(&zero, b)].version == 1));
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let second = (0..10_000)
-            .filter(|_| choose_arm(&arms, random_bucket(&mut rng)).version == 2)
+            .filter(|_| arms[choose_arm(&arms, random_bucket(&mut rng))].version == 2)
             .count();
         assert!((2_700..3_300).contains(&second), "{second} of 10000");
     }
@@ -799,7 +954,7 @@ mod tests {
             let before = parse_arms(&format!("1:{first},2:{}", 100 - first)).expect("valid");
             let after = parse_arms(&format!("1:{},2:{}", first - grow, 100 - first + grow)).expect("valid");
             let bucket = user_bucket("exp", &user);
-            let (was, is) = (choose_arm(&before, bucket).version, choose_arm(&after, bucket).version);
+            let (was, is) = (before[choose_arm(&before, bucket)].version, after[choose_arm(&after, bucket)].version);
             prop_assert!(was == is || is == 2, "{} -> {}", was, is);
         }
 
@@ -813,7 +968,7 @@ mod tests {
                 versions.dedup();
                 prop_assert_eq!(versions.len(), arms.len());
                 for bucket in 0..TOTAL_WEIGHT {
-                    prop_assert!(arms.contains(&choose_arm(&arms, bucket)));
+                    prop_assert!(choose_arm(&arms, bucket) < arms.len());
                 }
             }
         }
@@ -839,7 +994,7 @@ mod tests {
             if let Ok(arms) = parsed {
                 for arm in &arms {
                     let owned = (0..TOTAL_WEIGHT)
-                        .filter(|&b| choose_arm(&arms, b).version == arm.version)
+                        .filter(|&b| arms[choose_arm(&arms, b)].version == arm.version)
                         .count();
                     prop_assert_eq!(owned as u32, arm.weight);
                 }

@@ -98,6 +98,12 @@ pub(crate) fn c_string_lossy(text: &str) -> CString {
     CString::new(text.replace('\0', "\\0")).unwrap_or_default()
 }
 
+/// A C string for an argument to Triton; an interior NUL is refused rather than altered.
+pub(crate) fn c_string(what: &str, text: &str) -> Result<CString> {
+    CString::new(text)
+        .map_err(|_| Error::invalid_arg(format!("{what} {text:?} contains a NUL byte")))
+}
+
 /// Turns an error returned by a Triton API call into a `Result`, deleting it.
 pub(crate) fn check(raw: *mut sys::TRITONSERVER_Error) -> Result<()> {
     let Some(raw) = NonNull::new(raw) else {

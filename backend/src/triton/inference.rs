@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use triton_sys as sys;
 
 use super::convert::{data_type_from_raw, data_type_to_raw, is_host_memory, read_parameters};
-use super::error::{Error, Result, check, copy_c_str, error_code_from_raw};
+use super::error::{Error, Result, c_string, check, copy_c_str, error_code_from_raw};
 use super::server::Server;
 use crate::error::ErrorCode;
 use crate::types::{DataType, ParameterValue};
@@ -195,6 +195,17 @@ impl InferenceRequestBuilder {
         Ok(self)
     }
 
+    /// Sets the request's timeout in microseconds (0: none): a request still queued
+    /// in the target's scheduler that long fails with a timeout, where the target's queue
+    /// policy allows timeout overrides.
+    pub fn timeout_us(&mut self, timeout_us: u64) -> Result<&mut Self> {
+        // SAFETY: the request is ours and unsent.
+        check(unsafe {
+            sys::TRITONSERVER_InferenceRequestSetTimeoutMicroseconds(self.raw(), timeout_us)
+        })?;
+        Ok(self)
+    }
+
     /// A handle to cancel this request, usable before it is sent (e.g. to move into
     /// the response callback): a cancel made before sending takes effect once Triton
     /// has the request. The same handle [`InferenceRequestBuilder::send`] returns.
@@ -328,12 +339,6 @@ impl Drop for OwnedRequest {
             crate::log_error!("failed to delete an unsent inference request: {error}");
         }
     }
-}
-
-/// A C string for a builder argument; an interior NUL is refused rather than altered.
-fn c_string(what: &str, text: &str) -> Result<CString> {
-    CString::new(text)
-        .map_err(|_| Error::invalid_arg(format!("{what} {text:?} contains a NUL byte")))
 }
 
 /// A parameter value in the form one of Triton's setters takes.

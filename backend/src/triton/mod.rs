@@ -13,6 +13,7 @@ mod handles;
 mod inference;
 mod log;
 mod memory_report;
+mod metrics;
 mod request;
 mod response;
 mod server;
@@ -27,6 +28,7 @@ pub use inference::{
     InFlight, InferenceRequestBuilder, InferenceResponse, ResponseEvent, ResponseOutput,
 };
 pub use log::{LogLevel, log};
+pub use metrics::{Metric, MetricFamily, MetricKind};
 pub use request::Request;
 pub use response::{Response, ResponseFactory};
 pub use server::{BUILT_API_VERSION, Server, server_api_version};

@@ -93,6 +93,16 @@ impl Request {
         .unwrap_or(false)
     }
 
+    /// The request's timeout in microseconds (0: none), as the client set it.
+    pub fn timeout_us(&self) -> Result<u64> {
+        let mut timeout = 0u64;
+        // SAFETY: the request is live; `timeout` is a valid out-pointer.
+        check(unsafe {
+            sys::TRITONBACKEND_InferenceRequestTimeoutMicroseconds(self.raw.as_ptr(), &mut timeout)
+        })?;
+        Ok(timeout)
+    }
+
     /// Names of the inputs present in this request.
     pub fn input_names(&self) -> Result<Vec<String>> {
         let mut count = 0u32;
