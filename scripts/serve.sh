@@ -20,6 +20,7 @@ URL="http://127.0.0.1:$HTTP_PORT"
 "$TRITONSERVER" \
   --model-repository="$REPO_ROOT/model-repository" \
   --backend-directory="$BACKEND_DIR" \
+  --model-control-mode=explicit --load-model='*' \
   --http-address="$BIND_ADDRESS" --http-port="$HTTP_PORT" \
   --grpc-address="$BIND_ADDRESS" --grpc-port="$GRPC_PORT" \
   --metrics-address="$BIND_ADDRESS" --metrics-port="$METRICS_PORT" &

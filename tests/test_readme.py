@@ -3,9 +3,10 @@
 The server is started with the README's own explicit-mode `tritonserver` command (its
 `.deps/` paths mapped to the ones scripts/common.sh exports, plus free loopback ports, and
 `bert-base` and `gpt2-small` loaded as well, which the version examples use). Each ```sh
-block of the sections "Versions" and "Managing models at runtime" then runs in bash, with
-`localhost:8000` pointing at that server and every `curl` failing on an HTTP error, and the
-effect the README describes is checked.
+block of the sections "Versions" and "Managing models at runtime", and the A/B section's
+example that changes a router's weights, then runs in bash, with `localhost:8000`
+pointing at that server and every `curl` failing on an HTTP error, and the effect the
+README describes is checked.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from conftest import (
 README = REPO_ROOT / "README.md"
 VERSIONS = "Versions"
 MANAGING = "Managing models at runtime"
+AB_TESTING = "A/B testing and canary releases"
 README_TRITONSERVER = ".deps/pytriton/pytriton/tritonserver/bin/tritonserver"
 README_BACKEND_DIR = ".deps/backends"
 
@@ -145,6 +147,22 @@ def test_management_examples(readme_server):
     # The reload of unchanged files did nothing: both versions still serve.
     entries = repository_index(readme_server)["sentiment-classifier"]
     assert [(e["version"], e["state"]) for e in entries] == [("1", "READY"), ("2", "READY")]
+
+
+def test_ab_weight_change_example(readme_server):
+    """The A/B section's example: read a router's weights, change them with a load, send
+    a request with a timeout."""
+    router = "sentiment-classifier-ab"
+    response = load_model(readme_server, router)
+    assert response.status_code == 200, error_message(response)
+    (block,) = [b for b in sh_blocks(AB_TESTING) if "1:90,2:10" in b]
+    out = run_block(readme_server, block)
+    assert out.splitlines()[0] == "1:50,2:50", out
+    config = readme_server.get(f"/v2/models/{router}/config").json()
+    assert config["parameters"]["arms"]["string_value"] == "1:90,2:10", config["parameters"]
+    assert '"ab_test_group":"v' in out, out
+    assert readme_server.post(f"/v2/repository/models/{router}/unload").status_code == 200
+    wait_for_state(readme_server, router, {"UNAVAILABLE"})
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="the README's example needs jq")
