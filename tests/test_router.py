@@ -211,18 +211,12 @@ output [ { name: "TIMEOUT_US", data_type: TYPE_UINT64, dims: [ 1 ] } ]
 """
 
 
-@pytest.fixture
-def echo_router(start_server, tmp_path):
-    """Factory: a server with `request-echo` (versions 1 and 2) on the trivial C++
-    backend of tools/soak/identity_backend/, whose output TIMEOUT_US is the timeout each
-    request reached it with, and a 50/50 router in front of it, `request-echo-ab`;
-    `challenger_delay_us` makes version 2 answer that much later."""
-    return partial(make_echo_router, start_server, tmp_path)
-
-
-def make_echo_router(start_server, tmp_path, challenger_delay_us: int = 0, **parameters: str):
-    backends = tmp_path / "backends"
-    (backends / "identity").mkdir(parents=True)
+@pytest.fixture(scope="module")
+def identity_backends(tmp_path_factory):
+    """A backend directory with libtriton_rust.so and the trivial C++ backend of
+    tools/soak/identity_backend/, compiled once for the module."""
+    backends = tmp_path_factory.mktemp("backends")
+    (backends / "identity").mkdir()
     (backends / "rust").symlink_to(Path(os.environ["TRITON_RUST_BACKEND_DIR"]) / "rust")
     include = REPO_ROOT / "triton-sys" / "third_party" / "triton-core-r24.10" / "include"
     subprocess.run(
@@ -231,6 +225,20 @@ def make_echo_router(start_server, tmp_path, challenger_delay_us: int = 0, **par
          "-o", str(backends / "identity" / "libtriton_identity.so")],
         check=True,
     )
+    return backends
+
+
+@pytest.fixture
+def echo_router(start_server, tmp_path, identity_backends):
+    """Factory: a server with `request-echo` (versions 1 and 2) on the identity
+    backend, whose output TIMEOUT_US is the timeout each request reached it with, and a
+    50/50 router in front of it, `request-echo-ab`; `challenger_delay_us` makes version 2
+    answer that much later, other keywords are router parameters."""
+    return partial(make_echo_router, start_server, tmp_path, identity_backends)
+
+
+def make_echo_router(start_server, tmp_path, backends, challenger_delay_us: int = 0,
+                     **parameters: str):
     repository = tmp_path / "repository"
     for version in ("1", "2"):
         (repository / "request-echo" / version).mkdir(parents=True)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::ab_stats::{ArmSamples, Comparison, Margins, Verdict};
-use crate::canary::{Canary, CanaryState};
+use crate::canary::{Canary, CanaryState, arm_weights};
 use crate::triton::{Error, Metric, MetricFamily, MetricKind};
 
 /// How many answered requests (over all arms) between two looks at the statistics.
@@ -235,10 +235,9 @@ impl ArmStats {
                     arm: arm.name,
                     version: arm.version,
                 };
-                let weight = match (challenger_weight, index) {
-                    (Some(weight), 0) => 100 - weight,
-                    (Some(weight), _) => weight,
-                    (None, _) => arm.weight,
+                let weight = match challenger_weight {
+                    Some(challenger) => arm_weights(challenger)[index.min(1)],
+                    None => arm.weight,
                 };
                 ArmMetrics::new(&labels, weight, index > 0)
                     .map_err(|error| {
@@ -251,7 +250,11 @@ impl ArmStats {
             })
             .collect();
         let canary_states = match &canary {
-            Some(canary) => canary_state_metrics(router, target, canary.state()),
+            Some(canary) => {
+                let states = canary_state_metrics(router, target);
+                show_canary_state(&states, canary.state());
+                states
+            }
             None => Vec::new(),
         };
         ArmStats {
@@ -348,25 +351,18 @@ impl ArmStats {
         if let Some(challenger_weight) = &self.challenger_weight {
             challenger_weight.store(weight, Ordering::Release);
         }
-        for (index, arm_weight) in [(0, 100 - weight), (1, weight)] {
-            if let Some(Some(metrics)) = self.metrics.get(index) {
+        for (metrics, arm_weight) in self.metrics.iter().zip(arm_weights(weight)) {
+            if let Some(metrics) = metrics {
                 report(metrics.weight.set(f64::from(arm_weight)));
             }
         }
-        let current = canary.state().name();
-        for (name, metric) in &self.canary_states {
-            report(metric.set(if *name == current { 1.0 } else { 0.0 }));
-        }
+        show_canary_state(&self.canary_states, canary.state());
         crate::log_info!("triton-rust: canary '{}': {transition}", self.router);
     }
 }
 
-/// A canary router's state series, the current one at 1.
-fn canary_state_metrics(
-    router: &str,
-    target: &str,
-    state: CanaryState,
-) -> Vec<(&'static str, Metric)> {
+/// A canary router's state series, one per state name.
+fn canary_state_metrics(router: &str, target: &str) -> Vec<(&'static str, Metric)> {
     let Ok(families) = families() else {
         return Vec::new();
     };
@@ -374,11 +370,16 @@ fn canary_state_metrics(
         .iter()
         .filter_map(|&name| {
             let labels = [("router", router), ("target", target), ("state", name)];
-            let metric = families.canary_state.metric(&labels).ok()?;
-            report(metric.set(if name == state.name() { 1.0 } else { 0.0 }));
-            Some((name, metric))
+            Some((name, families.canary_state.metric(&labels).ok()?))
         })
         .collect()
+}
+
+/// Sets the series of `state` to 1 and the others to 0.
+fn show_canary_state(states: &[(&'static str, Metric)], state: CanaryState) {
+    for (name, metric) in states {
+        report(metric.set(if *name == state.name() { 1.0 } else { 0.0 }));
+    }
 }
 
 /// A metric that cannot be updated is logged, never a failed request.

@@ -57,6 +57,12 @@ impl fmt::Display for Transition {
     }
 }
 
+/// The champion's and the challenger's weights when the challenger takes
+/// `challenger_weight` percent.
+pub fn arm_weights(challenger_weight: u32) -> [u32; 2] {
+    [100 - challenger_weight.min(100), challenger_weight.min(100)]
+}
+
 /// Parses a schedule such as `5,25,50,100`: weights from 1 to 100, increasing, ending
 /// at 100.
 pub fn parse_steps(text: &str) -> Result<Vec<u32>, String> {

@@ -37,7 +37,7 @@ use super::task::{
 };
 use crate::ab_metrics::{ArmSpec, ArmStats};
 use crate::ab_stats::Margins;
-use crate::canary::{Canary, parse_steps};
+use crate::canary::{Canary, arm_weights, parse_steps};
 use crate::config::{ModelConfig, TensorSpec};
 use crate::error::{BackendError, ErrorCode};
 use crate::responder::{OutputWriter, Responder};
@@ -698,16 +698,20 @@ fn user_of(parameters: &[(String, ParameterValue)]) -> Result<Option<String>, Ba
     Ok(None)
 }
 
-/// A canary router's two arms with the challenger at `weight` (so growing it moves
-/// users only into the challenger, as any last arm).
-fn canary_arms(arms: &[Arm], weight: u32) -> Vec<Arm> {
-    arms.iter()
-        .enumerate()
-        .map(|(index, arm)| Arm {
-            weight: if index == 0 { 100 - weight } else { weight },
-            ..*arm
-        })
-        .collect()
+/// A canary router's two arms (checked at load) with the challenger at `weight`, so
+/// growing it moves users only into the challenger, as any last arm.
+fn canary_arms(arms: &[Arm], weight: u32) -> [Arm; 2] {
+    let [champion, challenger] = arm_weights(weight);
+    [
+        Arm {
+            weight: champion,
+            ..arms[0]
+        },
+        Arm {
+            weight: challenger,
+            ..arms[1]
+        },
+    ]
 }
 
 /// The index of the arm owning `bucket`: arms own contiguous ranges of `0..100`, in

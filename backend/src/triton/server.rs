@@ -1,13 +1,12 @@
 //! The server a model runs in: facts about the other models in it, and the entry point
 //! for requests a backend sends into it (see [`super::inference`]).
 
-use std::ffi::CString;
 use std::ptr::{self, NonNull};
 
 use triton_sys as sys;
 
 use super::convert::{owned_message_json, read_bool};
-use super::error::{Error, Result, check};
+use super::error::{Error, Result, c_string, check};
 
 /// The `TRITONSERVER_Server` this backend runs in: live as long as any model is.
 #[derive(Clone, Copy)]
@@ -35,7 +34,7 @@ impl Server {
     /// The configuration of model `name` (version `-1`: the one the version policy
     /// picks) as JSON, e.g. to check a target's inputs before routing to it.
     pub fn model_config_json(&self, name: &str, version: i64) -> Result<String> {
-        let c_name = model_name(name)?;
+        let c_name = c_string("model name", name)?;
         let mut message = ptr::null_mut();
         // SAFETY: the server is live; `c_name` is NUL-terminated and outlives the call;
         // `message` is a valid out-pointer and the message it receives becomes ours.
@@ -60,7 +59,7 @@ impl Server {
     /// Whether model `name` (version `-1`: the policy's pick) is loaded and ready; an
     /// unknown model is an error (NOT_FOUND), not `false`.
     pub fn model_is_ready(&self, name: &str, version: i64) -> Result<bool> {
-        let c_name = model_name(name)?;
+        let c_name = c_string("model name", name)?;
         // SAFETY: the server is live; `c_name` outlives the call; the out-pointer is
         // valid for the call.
         read_bool(|ready| unsafe {
@@ -83,12 +82,6 @@ pub const BUILT_API_VERSION: (u32, u32) = (
     sys::TRITONBACKEND_API_VERSION_MINOR,
 );
 
-/// A model name as a C string; an interior NUL can name no model, so it is refused.
-fn model_name(name: &str) -> Result<CString> {
-    CString::new(name)
-        .map_err(|_| Error::invalid_arg(format!("model name {name:?} contains a NUL byte")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,10 +90,10 @@ mod tests {
     #[test]
     fn model_names_with_a_nul_are_refused_before_reaching_triton() {
         assert_eq!(
-            model_name("gpt2").map(|c| c.into_bytes()),
+            c_string("model name", "gpt2").map(|c| c.into_bytes()),
             Ok(b"gpt2".to_vec())
         );
-        let error = model_name("gp\0t2").err().map(|e| e.code);
+        let error = c_string("model name", "gp\0t2").err().map(|e| e.code);
         assert_eq!(error, Some(ErrorCode::InvalidArg));
     }
 }
