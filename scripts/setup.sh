@@ -14,7 +14,7 @@ cd "$REPO_ROOT"
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo not found: install a Rust toolchain (1.85 or newer), e.g. with rustup" >&2
+  echo "cargo not found: install a Rust toolchain (1.89 or newer), e.g. with rustup" >&2
   exit 1
 fi
 
