@@ -228,6 +228,11 @@ def identity_backends(tmp_path_factory):
     return backends
 
 
+ECHO_SERVER_ARGS = [
+    "--model-control-mode=explicit", "--load-model=request-echo", "--load-model=request-echo-ab"
+]
+
+
 @pytest.fixture
 def echo_router(start_server, tmp_path, identity_backends):
     """Factory: a server with `request-echo` (versions 1 and 2) on the identity
@@ -259,7 +264,7 @@ def make_echo_router(start_server, tmp_path, backends, challenger_delay_us: int 
     (repository / "request-echo-ab" / "config.pbtxt").write_text(router)
     return start_server(
         repository,
-        args=["--model-control-mode=explicit", "--load-model=request-echo", "--load-model=request-echo-ab"],
+        args=ECHO_SERVER_ARGS,
         backend_dir=backends,
     )
 
@@ -413,7 +418,9 @@ def test_a_slower_canary_is_rolled_back_at_once(echo_router):
     assert "canary 'request-echo-ab': Step(0) -> RolledBack: the challenger is worse (latency" in server.log()
 
 
-def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_starts_it_again(echo_router):
+def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_or_restart_starts_it_again(
+    echo_router, start_server, identity_backends
+):
     # A generous latency margin: two copies of one version can differ on a busy machine.
     server = echo_router(canary_steps="10,50,100", canary_min_samples="30",
                          latency_regression_percent="100")
@@ -431,6 +438,17 @@ def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_starts_it_again(
     assert response.status_code == 200, error_message(response)
     assert canary_state(server) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
     assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 90, "2": 10}
+    # Past the first step again, then a restart: it starts at the first step too.
+    send_one_at_a_time(server, 450)
+    assert weights_on_metrics(server, "request-echo-ab", "request-echo")["2"] >= 50
+    server.stop()
+    restarted = start_server(
+        server.repository,
+        args=ECHO_SERVER_ARGS,
+        backend_dir=identity_backends,
+    )
+    assert canary_state(restarted) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    assert weights_on_metrics(restarted, "request-echo-ab", "request-echo") == {"1": 90, "2": 10}
 
 
 def test_the_metrics_pass_promtool(server):
