@@ -362,9 +362,9 @@ def batching_server(tmp_path_factory):
             ("sentiment_label", "TYPE_STRING"),
         ]
     )
-    dynamic_batching = "dynamic_batching { max_queue_delay_microseconds: 200000 }"
     replacements = {
-        "max_batch_size: 0": f"max_batch_size: 16\n{dynamic_batching}",
+        "max_batch_size: 0": "max_batch_size: 16",
+        "dynamic_batching {": "dynamic_batching {\n  max_queue_delay_microseconds: 200000",
         f"{text}[ -1 ]": f"{text}[ 1 ]",
         f"{score}[ -1, 3 ]": f"{score}[ 3 ]",
         f"{label}[ -1 ]": f"{label}[ 1 ]",

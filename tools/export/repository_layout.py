@@ -123,6 +123,31 @@ output [
 
 _INSTANCES = """
 instance_group [ { count: 1, kind: KIND_CPU } ]
+"""
+
+# The example configs' queue: priorities, a bounded queue and a queue timeout, by task
+# (waiting requests at most, µs in the queue at most).
+_QUEUE_LIMITS = {
+    "sentiment-classifier": (512, 5_000_000),
+    "feature-extraction": (512, 5_000_000),
+    "text-generation": (128, 60_000_000),
+}
+
+_QUEUE = """
+# One queue per version: a request's "priority" parameter 1 goes before the default 2.
+# Past {size} waiting requests, or {seconds} s in the queue (a request's "timeout"
+# parameter, in µs, may ask for another limit), a request is rejected at once with a
+# clear error instead of waiting on (see the README, "Priorities and queue limits").
+dynamic_batching {{
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy {{
+    max_queue_size: {size}
+    timeout_action: REJECT
+    default_timeout_microseconds: {timeout_us}
+    allow_timeout_override: true
+  }}
+}}
 
 """
 
@@ -272,6 +297,11 @@ def _parameters(pairs) -> str:
     return "".join(line.format(pbtxt_string(key), pbtxt_string(value)) for key, value in pairs)
 
 
+def _queue(task: str) -> str:
+    size, timeout_us = _QUEUE_LIMITS[task]
+    return _QUEUE.format(size=size, seconds=timeout_us // 1_000_000, timeout_us=timeout_us)
+
+
 def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> str:
     """The config.pbtxt of `model`: the example configs' shape and warm-up, with the sizes,
     labels, context length and end-of-text token of this export."""
@@ -294,6 +324,7 @@ def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> st
         _HEADER.format(name=pbtxt_string(model))
         + io
         + _INSTANCES
+        + _queue(task)
         + _parameters(pairs)
         + render_warmup(task)
     )
