@@ -452,7 +452,8 @@ def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_or_restart_start
 
 
 def test_the_metrics_pass_promtool(server):
-    """`promtool check metrics` on our families' exposition (Triton's own `nv_*` counters
+    """`promtool check metrics` on our families' exposition, the A/B router's and the
+    encoders' (Triton's own `nv_*` counters
     have no `_total` suffix, which promtool flags, so they are left out)."""
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -464,6 +465,7 @@ def test_the_metrics_pass_promtool(server):
         if line.startswith(("triton_rust_", "# HELP triton_rust_", "# TYPE triton_rust_"))
     )
     assert "triton_rust_ab_request_duration_seconds_bucket" in ours, ours
+    assert "triton_rust_encoder_fed_tokens_total" in ours, ours
     result = subprocess.run([promtool, "check", "metrics"], input=ours, text=True,
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

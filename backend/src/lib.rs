@@ -10,6 +10,7 @@ pub mod ab_stats;
 pub mod bytes_tensor;
 pub mod canary;
 pub mod config;
+pub mod encoder_metrics;
 pub mod error;
 pub mod generation;
 pub mod health;

@@ -68,6 +68,30 @@ pub fn pad_batch(rows: &[&TokenRow], pad_id: i64) -> PaddedBatch {
     batch
 }
 
+/// Tokens an extra ONNX Runtime run is taken to cost when rows are grouped by length.
+pub const RUN_COST_TOKENS: usize = 64;
+
+/// Rows grouped by length so that padding does not dominate: in order of length, a row
+/// starts a new group when padding the current group up to it would add more tokens
+/// than `run_cost` (what one more run costs). Returns the row indices of each group,
+/// shortest first; rows of similar lengths stay in one group.
+pub fn length_groups(lengths: &[usize], run_cost: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&row| lengths[row]);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for row in order {
+        match groups.last_mut() {
+            Some(group)
+                if group.len() * (lengths[row] - lengths[group[group.len() - 1]]) <= run_cost =>
+            {
+                group.push(row);
+            }
+            _ => groups.push(vec![row]),
+        }
+    }
+    groups
+}
+
 /// A `tokenizer.json` with the padding and truncation this backend needs.
 ///
 /// Padding in the file is switched off (a shipped tokenizer may pad every text to a fixed
@@ -271,6 +295,32 @@ mod tests {
         assert!(
             error.contains("/nonexistent/tokenizer.json does not exist"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn rows_of_very_different_lengths_are_grouped_apart() {
+        // Short texts and long ones: two groups, each padded to its own longest row.
+        let lengths = [8, 120, 9, 128, 7, 10];
+        let groups = length_groups(&lengths, RUN_COST_TOKENS);
+        assert_eq!(groups, vec![vec![4, 0, 2, 5], vec![1, 3]]);
+        let fed: usize = groups
+            .iter()
+            .map(|g| g.len() * g.iter().map(|&r| lengths[r]).max().unwrap())
+            .sum();
+        assert_eq!(fed, 4 * 10 + 2 * 128);
+        assert!(fed < lengths.len() * 128);
+    }
+
+    #[test]
+    fn similar_lengths_stay_in_one_group() {
+        assert_eq!(length_groups(&[30, 32, 31, 40], RUN_COST_TOKENS).len(), 1);
+        assert_eq!(length_groups(&[5], RUN_COST_TOKENS), vec![vec![0]]);
+        assert!(length_groups(&[], RUN_COST_TOKENS).is_empty());
+        // Without a run cost, every new length is its own group.
+        assert_eq!(
+            length_groups(&[1, 2, 2, 3], 0),
+            vec![vec![0], vec![1, 2], vec![3]]
         );
     }
 }

@@ -1,5 +1,6 @@
 //! What the two encoder tasks share: texts tokenized per request, all requests of one
-//! execution run as one right-padded ONNX batch on the instance's session, and the
+//! execution run as right-padded ONNX batches on the instance's session (rows of very
+//! different lengths in separate batches, so padding does not dominate), and the
 //! outputs cut back per request.
 
 use std::borrow::Cow;
@@ -9,13 +10,18 @@ use ort::value::Tensor;
 use serde::Deserialize;
 
 use super::task::{InstanceContext, ModelContext, Pending, fail_all, unzip_batch};
+use crate::encoder_metrics::EncoderMetrics;
 use crate::error::BackendError;
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};
 use crate::responder::Responder;
-use crate::settings::{SessionSettings, SettingsGroup, TextSettings, non_empty, positive_at_most};
+use crate::settings::{
+    SessionSettings, SettingsGroup, TextSettings, flag, non_empty, positive_at_most,
+};
 use crate::text::{TEXT_INPUT, read_texts};
-use crate::tokenize::{PaddedBatch, TOKENIZER_FILE, TextEncoder, TokenRow, pad_batch};
+use crate::tokenize::{
+    PaddedBatch, RUN_COST_TOKENS, TOKENIZER_FILE, TextEncoder, TokenRow, length_groups, pad_batch,
+};
 use crate::types::{InputTensor, MemoryUsage, element_count};
 
 pub const INPUT_IDS: &str = "input_ids";
@@ -30,6 +36,10 @@ fn default_max_texts() -> usize {
     DEFAULT_MAX_TEXTS
 }
 
+fn default_group_by_length() -> bool {
+    true
+}
+
 /// How requests are batched: the padding token, for tokenizers that do not name one,
 /// and how many sequences one request may hold (each costs its own output rows: 100,000
 /// tiny texts once made a 636 MB response).
@@ -42,6 +52,10 @@ pub struct BatchSettings {
         deserialize_with = "positive_at_most::<65536, _>"
     )]
     pub max_texts_per_request: usize,
+    /// Rows of very different lengths run as separate batches (`false`: one batch
+    /// padded to the longest row, which a GPU may prefer).
+    #[serde(default = "default_group_by_length", deserialize_with = "flag")]
+    pub group_by_length: bool,
 }
 
 impl SettingsGroup for BatchSettings {}
@@ -96,6 +110,9 @@ pub struct Encoder {
     drops_text_unit_dim: bool,
     max_text_bytes: usize,
     max_texts: usize,
+    group_by_length: bool,
+    /// Tokens and padding fed to ONNX Runtime (`None` where Triton's metrics are off).
+    metrics: Option<EncoderMetrics>,
     /// The configuration's outputs and their dims, checked against the model.
     declared_outputs: Vec<(String, Vec<i64>)>,
 }
@@ -120,6 +137,12 @@ impl Encoder {
             drops_text_unit_dim,
             max_text_bytes: text.max_text_bytes,
             max_texts: batch.max_texts_per_request,
+            group_by_length: batch.group_by_length,
+            metrics: EncoderMetrics::new(model.name, model.version)
+                .inspect_err(|error| {
+                    crate::log_warn!("triton-rust: no encoder token metrics: {error}");
+                })
+                .ok(),
             declared_outputs: model
                 .config
                 .outputs
@@ -233,23 +256,21 @@ impl Encoder {
         Ok(())
     }
 
-    /// Runs every request as one padded ONNX batch and hands the graph's output
-    /// (shape, values) and the padded batch to `split`, which answers the requests.
-    fn run<R>(
+    /// Runs the rows of `padded` as one batch and hands the graph's output (shape,
+    /// values) to `read`.
+    fn run_padded<R>(
         &self,
         instance: &mut EncoderInstance,
-        requests: &[EncodedRequest],
-        split: impl FnOnce(&[i64], &[f32], &PaddedBatch) -> Result<R, BackendError>,
+        mut padded: PaddedBatch,
+        read: impl FnOnce(&[i64], &[f32]) -> Result<R, BackendError>,
     ) -> Result<R, BackendError> {
-        let rows: Vec<&TokenRow> = requests.iter().flat_map(|r| &r.rows).collect();
-        let mut padded = pad_batch(&rows, self.text.pad_id());
         let shape = [padded.batch as i64, padded.sequence as i64];
+        let tokens = padded.attention_mask.iter().filter(|&&m| m != 0).count();
         let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
         for (name, role) in &instance.inputs {
-            // The mask is read again for pooling; ids and type ids are moved out.
             let values = match role {
                 GraphInput::InputIds => std::mem::take(&mut padded.ids),
-                GraphInput::AttentionMask => padded.attention_mask.clone(),
+                GraphInput::AttentionMask => std::mem::take(&mut padded.attention_mask),
                 GraphInput::TokenTypeIds => std::mem::take(&mut padded.type_ids),
             };
             feeds.push((
@@ -258,20 +279,96 @@ impl Encoder {
             ));
         }
         let outputs = instance.session.run(feeds)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.ran(tokens, padded.batch, padded.sequence);
+        }
         let value = outputs.get(&instance.output).ok_or_else(|| {
             BackendError::internal(format!("the model returned no '{}'", instance.output))
         })?;
         let (out_shape, data) = value.try_extract_tensor::<f32>()?;
-        split(out_shape, data, &padded)
+        read(out_shape, data)
+    }
+
+    /// Runs every request's rows and hands the graph's output for the whole batch
+    /// (shape, values, as if run as one batch padded to its longest row) and that
+    /// padded batch to `split`, which answers the requests. Rows of very different
+    /// lengths run as separate batches, unless `regroup` is false; the positions past a
+    /// row's own group's length are then 0.
+    fn run<R>(
+        &self,
+        instance: &mut EncoderInstance,
+        requests: &[EncodedRequest],
+        regroup: bool,
+        split: impl FnOnce(&[i64], &[f32], &PaddedBatch) -> Result<R, BackendError>,
+    ) -> Result<R, BackendError> {
+        let rows: Vec<&TokenRow> = requests.iter().flat_map(|r| &r.rows).collect();
+        let pad_id = self.text.pad_id();
+        let padded = pad_batch(&rows, pad_id);
+        let groups = if regroup && self.group_by_length {
+            let lengths: Vec<usize> = rows.iter().map(|row| row.ids.len()).collect();
+            length_groups(&lengths, RUN_COST_TOKENS)
+        } else {
+            Vec::new()
+        };
+        if groups.len() < 2 {
+            return self.run_padded(instance, padded.clone(), |shape, data| {
+                split(shape, data, &padded)
+            });
+        }
+        // Each group's output rows go where the rows sit in the whole batch; a row's
+        // output is [sequence, width] (token outputs) or [width].
+        let mut whole: Vec<f32> = Vec::new();
+        let mut whole_shape: Vec<i64> = Vec::new();
+        for group in groups {
+            let members: Vec<&TokenRow> = group.iter().map(|&row| rows[row]).collect();
+            self.run_padded(instance, pad_batch(&members, pad_id), |shape, data| {
+                let dims: Vec<usize> = shape
+                    .iter()
+                    .map(|&d| usize::try_from(d).unwrap_or(0))
+                    .collect();
+                // A row's output in this group, and its place in the whole batch's.
+                let (own, row_dims) = match dims[..] {
+                    [_, sequence, width] => (sequence * width, vec![padded.sequence, width]),
+                    [_, width] => (width, vec![width]),
+                    _ => {
+                        return Err(BackendError::internal(format!(
+                            "the model's output has shape {shape:?}"
+                        )));
+                    }
+                };
+                let stride: usize = row_dims.iter().product();
+                if whole.is_empty() {
+                    whole = vec![0.0; padded.batch * stride];
+                    whole_shape = std::iter::once(padded.batch)
+                        .chain(row_dims)
+                        .map(|d| d as i64)
+                        .collect();
+                }
+                if whole.len() != padded.batch * stride || data.len() != group.len() * own {
+                    return Err(BackendError::internal(format!(
+                        "the model's output has shape {shape:?} for a group of {} rows",
+                        group.len()
+                    )));
+                }
+                for (slot, &row) in group.iter().enumerate() {
+                    whole[row * stride..row * stride + own]
+                        .copy_from_slice(&data[slot * own..(slot + 1) * own]);
+                }
+                Ok(())
+            })?;
+        }
+        split(&whole_shape, &whole, &padded)
     }
 
     /// Runs the batch, and answers its requests with `answer(requests, responders,
     /// output shape, output values, padded batch)`; a failure fails every request not
-    /// answered yet.
+    /// answered yet. `keeps_padding` says which requests are answered with the padded
+    /// positions of the graph's output: a batch with one runs as one padded batch.
     pub fn execute(
         &self,
         instance: &mut EncoderInstance,
         batch: Vec<Pending<EncodedRequest>>,
+        keeps_padding: fn(&EncodedRequest) -> bool,
         answer: impl FnOnce(
             &[EncodedRequest],
             &mut [Box<dyn Responder>],
@@ -281,7 +378,8 @@ impl Encoder {
         ) -> Result<(), BackendError>,
     ) {
         let (requests, mut responders) = unzip_batch(batch);
-        let run = self.run(instance, &requests, |shape, values, padded| {
+        let regroup = !requests.iter().any(keeps_padding);
+        let run = self.run(instance, &requests, regroup, |shape, values, padded| {
             answer(&requests, &mut responders, shape, values, padded)
         });
         if let Err(error) = run {
@@ -300,16 +398,12 @@ impl Encoder {
             attention_mask: vec![1; length],
             type_ids: vec![0; length],
         };
-        let request = EncodedRequest {
-            rows: vec![row],
-            leading: vec![1],
-            text_shape: vec![1],
-            wanted: Vec::new(),
-        };
         let shape = self
-            .run(instance, std::slice::from_ref(&request), |shape, _, _| {
-                Ok(shape.to_vec())
-            })
+            .run_padded(
+                instance,
+                pad_batch(&[&row], self.text.pad_id()),
+                |shape, _| Ok(shape.to_vec()),
+            )
             .map_err(|error| {
                 BackendError::Config(format!(
                     "max_sequence_length is {length}, but a sequence of {length} tokens fails \

@@ -131,7 +131,12 @@ impl Task for FeatureExtraction {
     }
 
     fn execute(&self, instance: &mut EncoderInstance, batch: Vec<Pending<EncodedRequest>>) {
-        self.encoder.execute(instance, batch, answer);
+        self.encoder.execute(
+            instance,
+            batch,
+            |request| request.wants(LAST_HIDDEN_STATE),
+            answer,
+        );
     }
 
     fn memory_usage(&self) -> Vec<MemoryUsage> {

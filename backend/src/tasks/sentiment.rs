@@ -127,10 +127,14 @@ impl Task for SentimentClassifier {
     }
 
     fn execute(&self, instance: &mut EncoderInstance, batch: Vec<Pending<EncodedRequest>>) {
-        self.encoder
-            .execute(instance, batch, |requests, responders, shape, logits, _| {
+        self.encoder.execute(
+            instance,
+            batch,
+            |_| false,
+            |requests, responders, shape, logits, _| {
                 self.answer(requests, responders, shape, logits)
-            });
+            },
+        );
     }
 
     fn memory_usage(&self) -> Vec<MemoryUsage> {

@@ -1,0 +1,60 @@
+"""What the serving benchmarks share: a tritonserver on free loopback ports, and one
+perf_analyzer measurement (the meter Triton users know). PERF_ANALYZER, TRITONSERVER_BIN
+and TRITON_RUST_BACKEND_DIR come from scripts/perf-analyzer-env.sh and common.sh."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "soak"))
+from soak import REPO_ROOT, free_port, stop_server, wait_ready  # noqa: E402,F401
+
+
+@contextlib.contextmanager
+def tritonserver(repository: Path, workdir: Path, args=()):
+    """A ready server on `repository`; yields its ports (http, grpc, metrics)."""
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    log = open(workdir / "tritonserver.log", "wb")
+    server = subprocess.Popen([
+        os.environ["TRITONSERVER_BIN"], f"--model-repository={repository}",
+        f"--backend-directory={os.environ['TRITON_RUST_BACKEND_DIR']}",
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+        f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}",
+        f"--metrics-port={ports['metrics']}", *args,
+    ], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, ORT_DISABLE_TELEMETRY="1"))
+    try:
+        if not wait_ready(f"http://127.0.0.1:{ports['http']}", server):
+            sys.exit(f"tritonserver did not start; see {workdir / 'tritonserver.log'}")
+        yield ports
+    finally:
+        stop_server(server, timeout=30)
+        log.close()
+
+
+def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir: Path,
+                  data_args) -> dict:
+    """One perf_analyzer measurement: infer/s, p50 and p99 latency (ms). `data_args`
+    say what each request carries (--string-data/--shape, or --input-data)."""
+    report = workdir / f"{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
+    command = [
+        os.environ["PERF_ANALYZER"], "-m", model, "-i", protocol, "-u", url,
+        "--concurrency-range", str(concurrency), "--measurement-interval", "3000",
+        # A shared 2-core machine is noisy: accept 25 % between windows, try longer.
+        "--stability-percentage", "25", "--max-trials", "20", *data_args, "-f", str(report),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        sys.exit(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    with open(report, newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    return {
+        "infer_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
