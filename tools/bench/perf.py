@@ -18,7 +18,8 @@ from soak import REPO_ROOT, free_port, stop_server, wait_ready  # noqa: E402,F40
 
 @contextlib.contextmanager
 def tritonserver(repository: Path, workdir: Path, args=()):
-    """A ready server on `repository`; yields its ports (http, grpc, metrics)."""
+    """A ready server on `repository`; yields its ports (http, grpc, metrics) and its
+    process id (pid)."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open(workdir / "tritonserver.log", "wb")
     server = subprocess.Popen([
@@ -31,7 +32,7 @@ def tritonserver(repository: Path, workdir: Path, args=()):
     try:
         if not wait_ready(f"http://127.0.0.1:{ports['http']}", server):
             sys.exit(f"tritonserver did not start; see {workdir / 'tritonserver.log'}")
-        yield ports
+        yield {**ports, "pid": server.pid}
     finally:
         stop_server(server, timeout=30)
         log.close()
