@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from perf import REPO_ROOT, perf_analyzer, tritonserver
+from perf import REPO_ROOT, perf_analyzer, stability_note, tritonserver
 
 GROUPED = "sentiment-classifier"
 PADDED = "sentiment-classifier-padded"
@@ -107,8 +107,8 @@ def main() -> int:
               f"{median(concurrency, GROUPED, 'fed_per_token'):.2f} | {padded:,.0f} | {grouped:,.0f} | "
               f"{grouped / padded:.2f} | {latency[PADDED][0]:.2f} / {latency[PADDED][1]:.2f} | "
               f"{latency[GROUPED][0]:.2f} / {latency[GROUPED][1]:.2f} |")
-    print(f"\n(median of {rounds} rounds per cell; perf_analyzer measures 3 s windows until three "
-          "agree within 25 %; requests of 8 texts, a quarter of them 60 to 110 words, the rest 3 to 12)")
+    print(f"\n(median of {rounds} rounds per cell of 3 s windows; {stability_note(results)}; requests "
+          "of 8 texts, a quarter of them 60 to 110 words, the rest 3 to 12)")
     return 0
 
 

@@ -17,14 +17,14 @@ from soak import REPO_ROOT, free_port, stop_server, wait_ready  # noqa: E402,F40
 
 
 @contextlib.contextmanager
-def tritonserver(repository: Path, workdir: Path, args=()):
-    """A ready server on `repository`; yields its ports (http, grpc, metrics) and its
-    process id (pid)."""
+def tritonserver(repository: Path, workdir: Path, args=(), backend_dir=None):
+    """A ready server on `repository` (backends from `backend_dir`, default ours); yields
+    its ports (http, grpc, metrics) and its process id (pid)."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open(workdir / "tritonserver.log", "wb")
     server = subprocess.Popen([
         os.environ["TRITONSERVER_BIN"], f"--model-repository={repository}",
-        f"--backend-directory={os.environ['TRITON_RUST_BACKEND_DIR']}",
+        f"--backend-directory={backend_dir or os.environ['TRITON_RUST_BACKEND_DIR']}",
         "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
         f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}",
         f"--metrics-port={ports['metrics']}", *args,
@@ -39,23 +39,38 @@ def tritonserver(repository: Path, workdir: Path, args=()):
 
 
 def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir: Path,
-                  data_args) -> dict:
-    """One perf_analyzer measurement: infer/s, p50 and p99 latency (ms). `data_args`
-    say what each request carries (--string-data/--shape, or --input-data)."""
-    report = workdir / f"{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
-    command = [
-        os.environ["PERF_ANALYZER"], "-m", model, "-i", protocol, "-u", url,
-        "--concurrency-range", str(concurrency), "--measurement-interval", "3000",
-        # A shared 2-core machine is noisy: accept 25 % between windows, try longer.
-        "--stability-percentage", "25", "--max-trials", "20", *data_args, "-f", str(report),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        sys.exit(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+                  data_args, interval_ms: int = 3000) -> dict:
+    """One perf_analyzer measurement: infer/s, p50 and p99 latency (ms), and the
+    stability it was measured at. `data_args` say what each request carries
+    (--string-data/--shape, or --input-data). A shared 2-core machine is noisy: windows
+    must agree within 25 %, else (an overloaded peer swings more) within 50 %."""
+    for stability in (25, 50):
+        report = workdir / f"{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
+        command = [
+            os.environ["PERF_ANALYZER"], "-m", model, "-i", protocol, "-u", url,
+            "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
+            "--stability-percentage", str(stability), "--max-trials", "20", *data_args,
+            "-f", str(report),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode == 0:
+            break
+        if "stable measurement" not in result.stdout + result.stderr or stability == 50:
+            sys.exit(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     with open(report, newline="") as file:
         (row,) = list(csv.DictReader(file))
     return {
         "infer_per_s": float(row["Inferences/Second"]),
         "p50_ms": float(row["p50 latency"]) / 1000,
         "p99_ms": float(row["p99 latency"]) / 1000,
+        "stability_percent": stability,
     }
+
+
+def stability_note(results: dict) -> str:
+    """How the measurements agreed, for a table's footnote: `results` maps a cell's key
+    (a tuple) to its runs."""
+    loose = sorted(" ".join(str(part) for part in key) for key, runs in results.items()
+                   if any(run["stability_percent"] > 25 for run in runs))
+    note = "perf_analyzer measures until three windows agree within 25 %"
+    return note + (f" (within 50 % for {', '.join(loose)})" if loose else "")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from perf import REPO_ROOT, perf_analyzer, tritonserver
+from perf import REPO_ROOT, perf_analyzer, stability_note, tritonserver
 
 DIRECT, ROUTER = "sentiment-classifier", "sentiment-classifier-ab"
 TEXT = "This is a great day!"
@@ -65,7 +65,7 @@ def main() -> int:
                   f"{direct:,.0f} | {routed:,.0f} | {routed / direct:.2f} | "
                   f"{latencies[DIRECT][0]:.2f} / {latencies[DIRECT][1]:.2f} | "
                   f"{latencies[ROUTER][0]:.2f} / {latencies[ROUTER][1]:.2f} |")
-    print(f"\n(median of {rounds} rounds per cell; perf_analyzer measures 3 s windows until three agree within 25 %)")
+    print(f"\n(median of {rounds} rounds per cell of 3 s windows; {stability_note(results)})")
     return 0
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Serving benchmark (BENCHMARKS.md, "Serving: against a Python-backend peer"):
+# perf_analyzer on sentiment-classifier and its Python-backend peer, same server, same
+# run. BENCH_ROUNDS (3), BENCH_CONCURRENCY (1,8,32), BENCH_INTERVAL_MS (3000).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$REPO_ROOT"
+bash scripts/setup.sh
+source scripts/perf-analyzer-env.sh
+# The peer runs in Triton's Python backend stub, which embeds Debian's libpython3.11 and
+# its numpy; onnxruntime comes from .deps/onnxruntime (the wheel setup.sh unpacks) and
+# tokenizers from .deps/python-peer.
+missing=()
+for package in libpython3.11 python3-numpy; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ ! -d "$DEPS/python-peer/tokenizers" ]; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check --target "$DEPS/python-peer" "tokenizers==0.22.2"
+fi
+exec "$PYTHON" tools/bench/serving.py
