@@ -6,20 +6,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 bash scripts/setup.sh
-source scripts/perf-analyzer-env.sh
 # The peer runs in Triton's Python backend stub, which embeds Debian's libpython3.11 and
 # its numpy; onnxruntime comes from .deps/onnxruntime (the wheel setup.sh unpacks) and
 # tokenizers from .deps/python-peer.
-missing=()
-for package in libpython3.11 python3-numpy; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+EXTRA_APT_PACKAGES="libpython3.11 python3-numpy" source scripts/perf-analyzer-env.sh
 if [ ! -d "$DEPS/python-peer/tokenizers" ]; then
   "$PYTHON" -m pip install -q --disable-pip-version-check --target "$DEPS/python-peer" "tokenizers==0.22.2"
 fi
