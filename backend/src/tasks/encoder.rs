@@ -265,7 +265,10 @@ impl Encoder {
         read: impl FnOnce(&[i64], &[f32]) -> Result<R, BackendError>,
     ) -> Result<R, BackendError> {
         let shape = [padded.batch as i64, padded.sequence as i64];
-        let tokens = padded.attention_mask.iter().filter(|&&m| m != 0).count();
+        let tokens = self
+            .metrics
+            .as_ref()
+            .map(|_| padded.attention_mask.iter().filter(|&&m| m != 0).count());
         let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
         for (name, role) in &instance.inputs {
             let values = match role {
@@ -279,7 +282,7 @@ impl Encoder {
             ));
         }
         let outputs = instance.session.run(feeds)?;
-        if let Some(metrics) = &self.metrics {
+        if let (Some(metrics), Some(tokens)) = (&self.metrics, tokens) {
             metrics.ran(tokens, padded.batch, padded.sequence);
         }
         let value = outputs.get(&instance.output).ok_or_else(|| {
@@ -303,7 +306,7 @@ impl Encoder {
     ) -> Result<R, BackendError> {
         let rows: Vec<&TokenRow> = requests.iter().flat_map(|r| &r.rows).collect();
         let pad_id = self.text.pad_id();
-        let padded = pad_batch(&rows, pad_id);
+        let mut padded = pad_batch(&rows, pad_id);
         let groups = if regroup && self.group_by_length {
             let lengths: Vec<usize> = rows.iter().map(|row| row.ids.len()).collect();
             length_groups(&lengths, RUN_COST_TOKENS)
@@ -311,9 +314,15 @@ impl Encoder {
             Vec::new()
         };
         if groups.len() < 2 {
-            return self.run_padded(instance, padded.clone(), |shape, data| {
-                split(shape, data, &padded)
-            });
+            // The run takes the ids; `split` reads the mask again.
+            let fed = PaddedBatch {
+                batch: padded.batch,
+                sequence: padded.sequence,
+                ids: std::mem::take(&mut padded.ids),
+                attention_mask: padded.attention_mask.clone(),
+                type_ids: std::mem::take(&mut padded.type_ids),
+            };
+            return self.run_padded(instance, fed, |shape, data| split(shape, data, &padded));
         }
         // Each group's output rows go where the rows sit in the whole batch; a row's
         // output is [sequence, width] (token outputs) or [width].
