@@ -13,8 +13,9 @@ Bad warm-up data fails the load at model initialization (backend/src/warmup.rs s
 
 Memory: `/v2/models/<m>/stats` lists `memory_usage` per memory type and device, the
 model's report plus its instances'. The backend reports per instance the size of
-`model.onnx` (the session's weights) and per model an estimate of its tokenizer's
-vocabulary (see backend/src/memory.rs); these tests recompute both from the files.
+`model.onnx` (the session's weights; with several instances, less the weights they
+share, which the model reports once) and per model an estimate of its tokenizer's
+vocabulary (see backend/src/memory.rs); these tests recompute all of it from the files.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from conftest import (
     bytes_tensor,
@@ -239,10 +243,27 @@ def vocabulary_estimate(tokenizer_json: Path) -> int:
     return sum(2 * (len(token.encode("utf-8")) + VOCAB_ENTRY_OVERHEAD) for token in tokens)
 
 
+def shared_weights(model_onnx: Path) -> int:
+    """shared_weights.rs's count: the FP32 initializers of at least 1024 values stored in
+    the file, which the instances of a version share."""
+    model = onnx.load(model_onnx, load_external_data=False)
+    return sum(
+        4 * numpy_helper.to_array(t).size
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+        and t.data_location != onnx.TensorProto.EXTERNAL
+        and int(np.prod(t.dims)) >= 1024
+    )
+
+
 def expected_usage(model_dir: Path, version: str, instances: int = 1) -> list[dict]:
+    """One instance reports the whole file; with more, the shared weights are counted
+    once, for the model, and each instance reports the rest."""
     weights = (model_dir / version / "model.onnx").stat().st_size
+    shared = shared_weights(model_dir / version / "model.onnx") if instances > 1 else 0
     vocabulary = vocabulary_estimate(model_dir / version / "tokenizer.json")
-    return [{"type": "CPU", "id": 0, "byte_size": instances * weights + vocabulary}]
+    total = shared + instances * (weights - shared) + vocabulary
+    return [{"type": "CPU", "id": 0, "byte_size": total}]
 
 
 @pytest.mark.parametrize("model", SHIPPED)
@@ -258,7 +279,7 @@ def test_memory_usage_is_reported(lifecycle_server, model):
 
 
 def test_memory_usage_counts_every_instance(lifecycle_server):
-    """Two instances hold two sessions (two copies of the weights) and share one
+    """Two instances hold two sessions on one copy of the weights and share one
     tokenizer."""
     load(lifecycle_server, TWO_INSTANCES)
     model_dir = lifecycle_server.repository / TWO_INSTANCES

@@ -137,6 +137,11 @@ BROKEN = {
         CLASSIFIER, ("unknown parameter 'max_seq_len'",), config=set_parameter("max_seq_len", "64")
     ),
     "missing-task": Broken(CLASSIFIER, ("'task' is required",), config=drop_parameter("task")),
+    "prompts-beyond-the-running-batch": Broken(
+        "gpt2-small",
+        ("'max_prompts_per_request' is 64", "'max_sequences_in_flight' is 8", "could never run"),
+        config=set_parameter("max_sequences_in_flight", "8"),
+    ),
     "bad-task": Broken(ENCODER, ("'task'", "translate"), config=set_parameter("task", "translate")),
     "negative-max-sequence-length": Broken(
         CLASSIFIER, ("max_sequence_length", "-3"), config=set_parameter("max_sequence_length", "-3")

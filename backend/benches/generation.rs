@@ -15,16 +15,18 @@
 //!   BENCH_DEVICE          "cpu" (default) or "cuda" (needs the CUDA build of ORT)
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use triton_rust::bytes_tensor;
+use triton_rust::generation::batch::generate_all;
 use triton_rust::generation::decoder::DecoderBinding;
 use triton_rust::generation::params::GenerationParams;
-use triton_rust::generation::{GenerationRequest, Generator};
+use triton_rust::generation::{GENERATED_TOKENS, GenerationRequest, Generator};
 use triton_rust::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
-use triton_rust::responder::{CollectingResponder, Responder};
+use triton_rust::responder::{CollectingResponder, Pending};
 use triton_rust::tokenize::load_tokenizer;
-use triton_rust::types::{DataType, InputTensor, ParameterValue};
+use triton_rust::types::{DataType, InputTensor, OutputTensor, ParameterValue};
 
 const PROMPTS: [&str; 8] = [
     "The weather today is",
@@ -65,24 +67,39 @@ fn request(generator: &Generator, batch: usize, new_tokens: usize) -> Generation
         .expect("a valid benchmark request")
 }
 
-/// One timed generation: its duration and the tokens it made.
+/// One timed generation: its duration, the texts it made and how many tokens.
 fn timed(
     generator: &Generator,
     session: &mut ort::session::Session,
     binding: &mut DecoderBinding,
     request: &GenerationRequest,
-) -> (Duration, Vec<Vec<i64>>) {
+) -> (Duration, Vec<OutputTensor>, i64) {
+    // Nothing is cancelled and nothing streams.
+    let responder = CollectingResponder::default();
+    let collected = Arc::clone(&responder.collected);
+    let pending = Pending {
+        request: request.clone(),
+        responder: Box::new(responder),
+    };
     let started = Instant::now();
-    let ids = generator
-        .generate_ids(
-            session,
-            binding,
-            std::slice::from_ref(request),
-            // Nothing is cancelled and nothing streams.
-            &mut [&mut CollectingResponder::default() as &mut dyn Responder],
-        )
-        .expect("generation runs");
-    (started.elapsed(), ids)
+    generate_all(generator, session, binding, vec![pending]);
+    let elapsed = started.elapsed();
+    let mut collected = collected.lock().expect("not poisoned");
+    assert_eq!(collected.error, None, "generation runs");
+    let tokens = collected
+        .parameters
+        .last()
+        .and_then(|parameters| parameters.iter().find(|(key, _)| key == GENERATED_TOKENS))
+        .map(|(_, value)| match value {
+            ParameterValue::Int(tokens) => *tokens,
+            other => panic!("{GENERATED_TOKENS} is {other:?}"),
+        })
+        .expect("the final response counts its tokens");
+    (
+        elapsed,
+        collected.responses.pop().expect("a response"),
+        tokens,
+    )
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -135,19 +152,18 @@ fn main() {
     for batch in [1, 8] {
         let request = request(&cached, batch, new_tokens);
         // Untimed first runs: ONNX Runtime plans its kernels on the first shapes it sees.
-        let (_, reference) = timed(&cached, &mut session, &mut binding, &request);
-        let (_, baseline) = timed(&uncached, &mut session, &mut binding, &request);
+        let (_, reference, tokens) = timed(&cached, &mut session, &mut binding, &request);
+        let (_, baseline, _) = timed(&uncached, &mut session, &mut binding, &request);
         assert_eq!(
             reference, baseline,
-            "the uncached path must make the same tokens"
+            "the uncached path must make the same text"
         );
-        let tokens: usize = reference.iter().map(Vec::len).sum();
         let (mut with_cache, mut without_cache) = (Vec::new(), Vec::new());
         // Alternate the two paths so that drift in the machine's speed hits both.
         for _ in 0..rounds {
-            let (elapsed, _) = timed(&cached, &mut session, &mut binding, &request);
+            let (elapsed, _, _) = timed(&cached, &mut session, &mut binding, &request);
             with_cache.push(tokens as f64 / elapsed.as_secs_f64());
-            let (elapsed, _) = timed(&uncached, &mut session, &mut binding, &request);
+            let (elapsed, _, _) = timed(&uncached, &mut session, &mut binding, &request);
             without_cache.push(tokens as f64 / elapsed.as_secs_f64());
         }
         let (with_cache, without_cache) = (median(with_cache), median(without_cache));

@@ -104,6 +104,15 @@ impl WarmupInput {
     }
 }
 
+/// One `instance_group`: `count` instances, on each GPU listed (else once).
+#[derive(Debug, Clone, Default, Deserialize)]
+struct InstanceGroup {
+    #[serde(default, deserialize_with = "proto_int")]
+    count: i64,
+    #[serde(default, deserialize_with = "proto_ints")]
+    gpus: Vec<i64>,
+}
+
 /// The model configuration fields the backend uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelConfig {
@@ -121,12 +130,25 @@ pub struct ModelConfig {
     model_transaction_policy: TransactionPolicy,
     #[serde(default)]
     pub model_warmup: Vec<WarmupSample>,
+    #[serde(default)]
+    instance_group: Vec<InstanceGroup>,
 }
 
 impl ModelConfig {
     pub fn from_json(json: &str) -> Result<Self, BackendError> {
         serde_json::from_str(json)
             .map_err(|e| BackendError::Config(format!("cannot read the model configuration: {e}")))
+    }
+
+    /// How many instances Triton creates of each version.
+    pub fn instance_count(&self) -> usize {
+        self.instance_group
+            .iter()
+            .map(|group| {
+                let count = usize::try_from(group.count).unwrap_or(0);
+                count * group.gpus.len().max(1)
+            })
+            .sum()
     }
 
     /// `model_transaction_policy { decoupled: true }`: responses stream.
@@ -179,6 +201,22 @@ mod tests {
         assert_eq!(input.dims, vec![2]);
         assert_eq!(input.datatype(), Some(DataType::Bytes));
         assert_eq!(input.input_data_file.as_deref(), Some("t.bin"));
+    }
+
+    #[test]
+    fn instances_count_every_group_on_every_gpu() {
+        let config = ModelConfig::from_json(
+            r#"{"instance_group": [{"count": 2, "kind": "KIND_CPU"},
+                {"count": "3", "kind": "KIND_GPU", "gpus": [0, 1]}]}"#,
+        )
+        .expect("valid config");
+        assert_eq!(config.instance_count(), 8);
+        assert_eq!(
+            ModelConfig::from_json("{}")
+                .expect("valid")
+                .instance_count(),
+            0
+        );
     }
 
     #[test]

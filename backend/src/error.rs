@@ -81,6 +81,15 @@ impl BackendError {
     }
 }
 
+/// The message a panic carries (a `&str` or a `String`), for logs and errors.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

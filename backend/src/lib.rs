@@ -21,6 +21,7 @@ pub mod onnx;
 pub mod postprocess;
 pub mod responder;
 pub mod settings;
+pub mod shared_weights;
 pub mod tasks;
 pub mod text;
 pub mod tokenize;
@@ -46,7 +47,7 @@ fn install_panic_hook() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let message = model::panic_message(info.payload());
+            let message = crate::error::panic_message(info.payload());
             match info.location() {
                 Some(at) => health::record_panic(&format!("{message} at {at}")),
                 None => health::record_panic(&message),

@@ -6,13 +6,15 @@
 //!
 //! - **Per instance**: the weights its ONNX Runtime session holds, counted as the size
 //!   of `model.onnx` (the initializers dominate the file), on the CPU for CPU instances
-//!   or on the instance's GPU for `KIND_GPU`. Not counted: ONNX Runtime's arena for
-//!   activations, which grows with the requests, and weights it pre-packs or copies
-//!   during graph optimization.
-//! - **Per model**: the tokenizer's vocabulary, shared by all instances of the model
-//!   version: each token is held twice (token → id and id → token), each time as its
-//!   UTF-8 bytes, a `String` and a `u32` id. Not counted: BPE merges, hash-table slack,
-//!   and the tokenizer's word cache, which grows with the texts seen.
+//!   or on the instance's GPU for `KIND_GPU`, less the weights CPU instances share
+//!   (`shared_weights.rs`). Not counted: ONNX Runtime's arena for activations, which
+//!   grows with the requests, and weights it pre-packs or copies during graph
+//!   optimization.
+//! - **Per model**: the weights its instances share (held once), and the tokenizer's
+//!   vocabulary, shared by all instances of the model version: each token is held twice
+//!   (token → id and id → token), each time as its UTF-8 bytes, a `String` and a `u32`
+//!   id. Not counted: BPE merges, hash-table slack, and the tokenizer's word cache,
+//!   which grows with the texts seen.
 //!
 //! Free of FFI: `lib.rs` hands the results to Triton.
 
@@ -35,15 +37,32 @@ pub fn place_of(device: Device) -> MemoryPlace {
     }
 }
 
-/// The weights of a session made from `model_path` on `device`.
-pub fn session_weights(model_path: &Path, device: Device) -> Result<MemoryUsage, BackendError> {
+/// The weights of a session made from `model_path` on `device` that are its own: all
+/// of them on a GPU, the file less the `shared` bytes on the CPU.
+pub fn session_weights(
+    model_path: &Path,
+    device: Device,
+    shared: u64,
+) -> Result<MemoryUsage, BackendError> {
     let bytes = std::fs::metadata(model_path)
         .map_err(|e| BackendError::ModelFile(format!("cannot read {}: {e}", model_path.display())))?
         .len();
+    let own = match device {
+        Device::Cpu => bytes.saturating_sub(shared),
+        Device::Cuda { .. } => bytes,
+    };
     Ok(MemoryUsage {
         place: place_of(device),
-        bytes,
+        bytes: own,
     })
+}
+
+/// The weights the instances of a model version share, held once on the CPU.
+pub fn shared_weights(bytes: u64) -> MemoryUsage {
+    MemoryUsage {
+        place: MemoryPlace::Cpu,
+        bytes,
+    }
 }
 
 /// A lower bound on the heap memory of a tokenizer's vocabulary (see the module docs).
@@ -96,21 +115,28 @@ mod tests {
             std::env::temp_dir().join(format!("triton-rust-weights-{}.onnx", std::process::id()));
         std::fs::write(&path, vec![0u8; 1234]).expect("write");
         assert_eq!(
-            session_weights(&path, Device::Cpu).expect("file"),
+            session_weights(&path, Device::Cpu, 0).expect("file"),
             MemoryUsage {
                 place: MemoryPlace::Cpu,
                 bytes: 1234
             }
         );
         assert_eq!(
-            session_weights(&path, Device::Cuda { device_id: 1 }).expect("file"),
+            session_weights(&path, Device::Cpu, 1000)
+                .expect("file")
+                .bytes,
+            234,
+            "the shared weights are the model's, not the instance's"
+        );
+        assert_eq!(
+            session_weights(&path, Device::Cuda { device_id: 1 }, 1000).expect("file"),
             MemoryUsage {
                 place: MemoryPlace::Gpu { device_id: 1 },
                 bytes: 1234
             }
         );
         std::fs::remove_file(&path).expect("cleanup");
-        let error = session_weights(&path, Device::Cpu)
+        let error = session_weights(&path, Device::Cpu, 0)
             .expect_err("gone")
             .to_string();
         assert!(error.contains("cannot read"), "{error}");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::ModelConfig;
-use crate::error::BackendError;
+use crate::error::{BackendError, panic_message};
 use crate::heap::{self, MmapThreshold};
 use crate::onnx::{Device, OnnxRuntimeLibrary};
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
@@ -329,15 +329,6 @@ struct TaskInstance<T: Task> {
     state: T::Instance,
     max_batch_size: i64,
     in_flight: InFlight,
-}
-
-/// The message a panic carries (a `&str` or a `String`), for logs and errors.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// Reads a request's inputs, parameters and requested outputs.

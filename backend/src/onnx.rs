@@ -2,7 +2,7 @@
 //! sessions built with explicit threads and execution provider.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ort::environment::Environment;
 use ort::ep;
@@ -10,7 +10,10 @@ use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
 use crate::error::BackendError;
+use crate::memory;
 use crate::settings::SessionSettings;
+use crate::shared_weights::SharedWeights;
+use crate::types::MemoryUsage;
 
 /// Where the ONNX Runtime library came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,14 +227,18 @@ pub struct OnnxModel {
     pub path: PathBuf,
     pub environment: Environment,
     pub threads: SessionSettings,
+    /// With more than one instance: the weights their sessions share.
+    shared: Option<Arc<SharedWeights>>,
 }
 
 impl OnnxModel {
-    /// Finds `model.onnx` in `version_dir` and loads ONNX Runtime.
+    /// Finds `model.onnx` in `version_dir` and loads ONNX Runtime; for more than one
+    /// `instances`, reads the weights they will share.
     pub fn open(
         library: &OnnxRuntimeLibrary,
         version_dir: &Path,
         threads: SessionSettings,
+        instances: usize,
     ) -> Result<Self, BackendError> {
         let path = version_dir.join(MODEL_FILE);
         if !path.is_file() {
@@ -240,11 +247,33 @@ impl OnnxModel {
                 path.display()
             )));
         }
+        let environment = environment(library)?;
+        let shared = (instances > 1)
+            .then(|| SharedWeights::read(&path).map(Arc::new))
+            .transpose()?;
         Ok(OnnxModel {
             path,
-            environment: environment(library)?,
+            environment,
             threads,
+            shared,
         })
+    }
+
+    /// Bytes of the weights the instances share (0 without sharing).
+    pub fn shared_bytes(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |shared| shared.bytes() as u64)
+    }
+
+    /// The model-level memory: the shared weights, if any.
+    pub fn memory_usage(&self) -> Option<MemoryUsage> {
+        (self.shared_bytes() > 0).then(|| memory::shared_weights(self.shared_bytes()))
+    }
+
+    /// An instance's own weights on `device`.
+    pub fn instance_memory_usage(&self, device: Device) -> Result<MemoryUsage, BackendError> {
+        memory::session_weights(&self.path, device, self.shared_bytes())
     }
 
     /// The session options of an instance on `device`.
@@ -256,9 +285,16 @@ impl OnnxModel {
         }
     }
 
-    /// A new session on `device`.
+    /// A new session on `device`, on the shared weights if there are.
     pub fn session(&self, device: Device) -> Result<Session, BackendError> {
-        load_session(&self.environment, &self.path, self.options(device))
+        let builder = session_builder(&self.environment, self.options(device))?;
+        let mut builder = match &self.shared {
+            Some(shared) => shared.apply(builder)?,
+            None => builder,
+        };
+        builder
+            .commit_from_file(&self.path)
+            .map_err(|e| BackendError::onnx(format!("cannot load {}", self.path.display()), e))
     }
 }
 

@@ -84,6 +84,12 @@ pub trait Responder: Send {
     fn end(&mut self);
 }
 
+/// A prepared request waiting in a batch, and who answers it.
+pub struct Pending<R> {
+    pub request: R,
+    pub responder: Box<dyn Responder>,
+}
+
 /// Sends a final response holding `outputs` (a responder reports its own failures:
 /// there is nothing more the task can do about them).
 pub fn respond_with(responder: &mut dyn Responder, outputs: &[OutputTensor]) {

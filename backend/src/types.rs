@@ -148,9 +148,54 @@ pub struct MemoryUsage {
     pub bytes: u64,
 }
 
+impl MemoryUsage {
+    /// One entry per place, bytes summed (Triton keeps one entry per place of a report).
+    pub fn by_place(usage: &[MemoryUsage]) -> Vec<MemoryUsage> {
+        let mut places = std::collections::BTreeMap::<MemoryPlace, u64>::new();
+        for entry in usage {
+            *places.entry(entry.place).or_default() += entry.bytes;
+        }
+        places
+            .into_iter()
+            .map(|(place, bytes)| MemoryUsage { place, bytes })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_usage_sums_per_place() {
+        let usage = [
+            MemoryUsage {
+                place: MemoryPlace::Cpu,
+                bytes: 3,
+            },
+            MemoryUsage {
+                place: MemoryPlace::Gpu { device_id: 1 },
+                bytes: 5,
+            },
+            MemoryUsage {
+                place: MemoryPlace::Cpu,
+                bytes: 4,
+            },
+        ];
+        assert_eq!(
+            MemoryUsage::by_place(&usage),
+            [
+                MemoryUsage {
+                    place: MemoryPlace::Cpu,
+                    bytes: 7
+                },
+                MemoryUsage {
+                    place: MemoryPlace::Gpu { device_id: 1 },
+                    bytes: 5
+                },
+            ]
+        );
+    }
 
     #[test]
     fn element_count_rejects_negative_dims() {

@@ -15,11 +15,15 @@ use std::collections::HashSet;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use triton_rust::generation::cache_rows::{
+    self, JOINING, KEEP, MERGED, PAD, STAYING, SidePlan, TRIM,
+};
 use triton_rust::generation::decoder::{SamplerRow, uniform};
 use triton_rust::generation::params::GenerationParams;
 use triton_rust::generation::sampler_graphs::{
-    self, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY,
-    SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
+    self, CHOOSER_ROWS, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY,
+    SAMPLER_REPETITION_PENALTY, SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
+    TokenChooser,
 };
 use triton_rust::onnx::{self, Device, LibrarySource, OnnxRuntimeLibrary, SessionOptions};
 use triton_rust::postprocess::{argmax, softmax};
@@ -90,18 +94,21 @@ fn greedy_token_picker_takes_the_last_positions_arg_max() {
         9.0f32, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 9.0, 2.0, 2.0, 1.0,
     ];
     let logits = Tensor::from_array(([2usize, 2, 3], logits)).expect("a tensor");
+    // The rows chosen for, in the order asked.
+    let rows = Tensor::from_array(([3usize], vec![1i64, 0, 1])).expect("a tensor");
     let outputs = picker
-        .run(ort::inputs![PICKER_LOGITS => logits])
+        .run(ort::inputs![PICKER_LOGITS => logits, CHOOSER_ROWS => rows])
         .expect("the picker runs");
     let (shape, ids) = outputs[PICKER_TOKEN_IDS]
         .try_extract_tensor::<i64>()
         .expect("int64 ids");
-    assert_eq!(shape[..], [2, 1]);
-    assert_eq!(ids, [1, 0]);
+    assert_eq!(shape[..], [3, 1]);
+    assert_eq!(ids, [0, 1, 0]);
 }
 
 /// The sampler written plainly on the host, step by step as Hugging Face applies the
-/// settings: the reference the device graph must agree with.
+/// settings: the reference the device graphs must agree with. Without top-k and top-p
+/// the draw walks the distribution in id order (no sort), as the plain sampler does.
 fn reference_token(
     logits: &mut [f32],
     history: &[i64],
@@ -126,7 +133,9 @@ fn reference_token(
         *logit /= params.temperature;
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if SamplerRow::chooser(params) == TokenChooser::Sorted {
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    }
     if params.top_k > 0 {
         order.truncate(params.top_k);
     }
@@ -154,14 +163,21 @@ fn reference_token(
 }
 
 #[test]
-fn token_sampler_chooses_what_the_reference_chooses() {
+fn token_samplers_choose_what_the_reference_chooses() {
     let environment = environment();
-    let error = sampler_graphs::token_sampler(&environment, options(Device::Cuda { device_id: 0 }))
-        .expect_err("no CUDA here: the sampler must not fall back to CPU")
-        .to_string();
-    assert!(error.contains("could not be enabled on GPU 0"), "{error}");
-    let mut sampler = sampler_graphs::token_sampler(&environment, options(Device::Cpu))
+    for build in [
+        sampler_graphs::token_sampler,
+        sampler_graphs::plain_token_sampler,
+    ] {
+        let error = build(&environment, options(Device::Cuda { device_id: 0 }))
+            .expect_err("no CUDA here: a sampler must not fall back to CPU")
+            .to_string();
+        assert!(error.contains("could not be enabled on GPU 0"), "{error}");
+    }
+    let mut sorted = sampler_graphs::token_sampler(&environment, options(Device::Cpu))
         .expect("CPU sampler builds");
+    let mut plain = sampler_graphs::plain_token_sampler(&environment, options(Device::Cpu))
+        .expect("CPU plain sampler builds");
 
     const VOCAB: usize = 50;
     const ROWS: usize = 200;
@@ -174,6 +190,7 @@ fn token_sampler_chooses_what_the_reference_chooses() {
         (true, 0.5, 20, 0.8, 1.0),
         (true, 2.0, 1, 1.0, 1.0),
         (true, 1.0, 10, 0.95, 1.8),
+        (true, 0.9, 0, 1.0, 1.5),
         (false, 0.7, 0, 1.0, 1.0),
         (false, 0.7, 0, 1.0, 4.0),
         (false, 0.7, 0, 1.0, 0.5),
@@ -189,7 +206,7 @@ fn token_sampler_chooses_what_the_reference_chooses() {
             repetition_penalty,
             ..Default::default()
         };
-        let row = SamplerRow::new(&params, false);
+        let row = SamplerRow::new(&params);
         let mut noise = ChaCha8Rng::seed_from_u64(case as u64 + 1000);
         // Two positions per row: the sampler must use the last one.
         let logits: Vec<f32> = (0..ROWS * 2 * VOCAB)
@@ -208,8 +225,11 @@ fn token_sampler_chooses_what_the_reference_chooses() {
                 }
             })
             .collect();
-        let expected: Vec<i64> = (0..ROWS)
-            .map(|r| {
+        // Every other row, last first: the graph gathers the rows it is asked for.
+        let rows: Vec<usize> = (0..ROWS).rev().step_by(2).collect();
+        let expected: Vec<i64> = rows
+            .iter()
+            .map(|&r| {
                 let start = (r * 2 + 1) * VOCAB;
                 reference_token(
                     &mut logits[start..start + VOCAB].to_vec(),
@@ -219,49 +239,134 @@ fn token_sampler_chooses_what_the_reference_chooses() {
                 )
             })
             .collect();
-        let column = |value: f32| Tensor::from_array(([ROWS, 1], vec![value; ROWS]));
-        let outputs = sampler
-            .run(ort::inputs![
-                PICKER_LOGITS => Tensor::from_array(([ROWS, 2, VOCAB], logits)).expect("logits"),
-                SAMPLER_TEMPERATURE => column(row.temperature).expect("t"),
-                SAMPLER_TOP_K => Tensor::from_array(([ROWS, 1], vec![row.top_k; ROWS])).expect("k"),
-                SAMPLER_TOP_P => column(row.top_p).expect("p"),
-                SAMPLER_UNIFORM => Tensor::from_array(([ROWS, 1], uniforms)).expect("u"),
-                SAMPLER_REPETITION_PENALTY => column(row.repetition_penalty).expect("r"),
-                SAMPLER_HISTORY => Tensor::from_array(([ROWS, HISTORY], history)).expect("h"),
-            ])
-            .expect("the sampler runs");
+        let count = rows.len();
+        let column = |value: f32| Tensor::from_array(([count, 1], vec![value; count]));
+        let picked_uniforms: Vec<f32> = rows.iter().map(|&r| uniforms[r]).collect();
+        // The history of the chosen rows only, as the backend sends it.
+        let picked_history: Vec<i64> = rows
+            .iter()
+            .flat_map(|&r| history[r * HISTORY..(r + 1) * HISTORY].iter().copied())
+            .collect();
+        let picked_rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let mut inputs = ort::inputs![
+            PICKER_LOGITS => Tensor::from_array(([ROWS, 2, VOCAB], logits)).expect("logits"),
+            CHOOSER_ROWS => Tensor::from_array(([count], picked_rows)).expect("rows"),
+            SAMPLER_TEMPERATURE => column(row.temperature).expect("t"),
+            SAMPLER_UNIFORM => Tensor::from_array(([count, 1], picked_uniforms)).expect("u"),
+            SAMPLER_REPETITION_PENALTY => column(row.repetition_penalty).expect("r"),
+            SAMPLER_HISTORY => Tensor::from_array(([count, HISTORY], picked_history)).expect("h"),
+        ];
+        let sampler = match SamplerRow::chooser(&params) {
+            TokenChooser::Plain => &mut plain,
+            TokenChooser::Sorted | TokenChooser::Greedy => {
+                inputs.push((
+                    SAMPLER_TOP_K.into(),
+                    Tensor::from_array(([count, 1], vec![row.top_k; count]))
+                        .expect("k")
+                        .into(),
+                ));
+                inputs.push((SAMPLER_TOP_P.into(), column(row.top_p).expect("p").into()));
+                &mut sorted
+            }
+        };
+        let outputs = sampler.run(inputs).expect("the sampler runs");
         let (shape, ids) = outputs[PICKER_TOKEN_IDS]
             .try_extract_tensor::<i64>()
             .expect("int64 ids");
-        assert_eq!(shape[..], [ROWS as i64, 1]);
+        assert_eq!(shape[..], [count as i64, 1]);
         assert_eq!(ids, expected, "settings {case}: {params:?}");
     }
 }
 
+/// A cache of `rows` rows, 2 heads, `width` columns and head size 3, every value
+/// distinct (`base` + its index).
+fn cache(rows: usize, width: usize, base: f32) -> Vec<f32> {
+    (0..rows * 2 * width * 3).map(|i| base + i as f32).collect()
+}
+
+/// What the merger must give for one side: each kept row's columns after `trim`,
+/// behind `pad` zero columns.
+fn expected_side(values: &[f32], width: usize, plan: &SidePlan) -> Vec<f32> {
+    let row_size = 2 * width * 3;
+    let mut out = Vec::new();
+    for &row in &plan.keep {
+        let row = &values[row as usize * row_size..(row as usize + 1) * row_size];
+        for head in row.chunks(width * 3) {
+            out.extend(std::iter::repeat_n(0.0, plan.pad * 3));
+            out.extend_from_slice(&head[plan.trim * 3..]);
+        }
+    }
+    out
+}
+
 #[test]
-fn finished_rows_ride_along_unchanged() {
-    let params = GenerationParams {
-        temperature: 0.3,
-        top_k: 4,
-        top_p: 0.5,
-        repetition_penalty: 2.0,
-        ..Default::default()
-    };
-    let finished = SamplerRow::new(&params, true);
-    assert!(!finished.draws);
-    assert_eq!(
-        (
-            finished.temperature,
-            finished.top_k,
-            finished.repetition_penalty
-        ),
-        (1.0, 1, 1.0)
-    );
-    let active = SamplerRow::new(&params, false);
-    assert!(active.draws);
-    assert_eq!(
-        (active.temperature, active.top_k, active.top_p),
-        (0.3, 4, 0.5)
-    );
+fn cache_merger_keeps_rows_trims_shared_padding_and_left_pads_to_one_width() {
+    let environment = environment();
+    let mut merger =
+        cache_rows::cache_merger(&environment, options(Device::Cpu), 2).expect("merger builds");
+    /// Each side's (rows, width), and its kept rows with their padding.
+    type Case<'a> = ((usize, usize), (usize, usize), [&'a [(usize, usize)]; 2]);
+    let cases: [Case<'_>; 3] = [
+        // Rows 0 and 2 stay (1 and 2 padding columns), joining row 1 (none) comes in.
+        ((3, 4), (2, 5), [&[(0, 1), (2, 2)], &[(1, 0)]]),
+        // Sequences leave: nothing joins.
+        ((3, 6), (0, 0), [&[(1, 3)], &[]]),
+        // The first requests join an empty batch.
+        ((0, 0), (2, 3), [&[], &[(0, 1), (1, 0)]]),
+    ];
+    for ((rows, width), (joining_rows, joining_width), kept) in cases {
+        let staying = cache(rows, width, 1.0);
+        let joining = cache(joining_rows, joining_width, 1000.0);
+        let (plans, merged_width) = cache_rows::plan_merge([width, joining_width], kept);
+        // Two cache tensors per side (the second one's values offset), merged in one run.
+        let mut inputs: Vec<(String, ort::value::DynValue)> = Vec::new();
+        for (side, (rows, width, values)) in [
+            (STAYING, (rows, width, &staying)),
+            (JOINING, (joining_rows, joining_width, &joining)),
+        ] {
+            for tensor in 0..2 {
+                let offset = tensor as f32 * 0.5;
+                let shifted: Vec<f32> = values.iter().map(|v| v + offset).collect();
+                inputs.push((
+                    cache_rows::cache_tensor(side, tensor),
+                    Tensor::from_array(([rows, 2, width, 3], shifted))
+                        .expect("tensor")
+                        .into_dyn(),
+                ));
+            }
+        }
+        for (side, plan) in [STAYING, JOINING].into_iter().zip(&plans) {
+            let long = |values: Vec<i64>| {
+                Tensor::from_array(([values.len()], values))
+                    .expect("tensor")
+                    .into_dyn()
+            };
+            inputs.push((cache_rows::side_input(side, KEEP), long(plan.keep.clone())));
+            inputs.push((
+                cache_rows::side_input(side, TRIM),
+                long(vec![plan.trim as i64]),
+            ));
+            inputs.push((
+                cache_rows::side_input(side, PAD),
+                long(vec![plan.pad as i64]),
+            ));
+        }
+        let outputs = merger.run(inputs).expect("the merger runs");
+        let merged_rows = plans[0].keep.len() + plans[1].keep.len();
+        let mut expected = expected_side(&staying, width, &plans[0]);
+        expected.extend(expected_side(&joining, joining_width, &plans[1]));
+        for tensor in 0..2 {
+            let (shape, merged) = outputs[cache_rows::cache_tensor(MERGED, tensor).as_str()]
+                .try_extract_tensor::<f32>()
+                .expect("f32 output");
+            assert_eq!(shape[..], [merged_rows as i64, 2, merged_width as i64, 3]);
+            // Padding stays 0; every kept value carries its tensor's offset.
+            let offset = tensor as f32 * 0.5;
+            let wanted: Vec<f32> = expected
+                .iter()
+                .map(|&v| if v == 0.0 { 0.0 } else { v + offset })
+                .collect();
+            assert_eq!(merged, &wanted[..], "case {kept:?}, tensor {tensor}");
+        }
+    }
 }

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,18 +41,23 @@ def tritonserver(repository: Path, workdir: Path, args=(), backend_dir=None):
 
 
 def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir: Path,
-                  data_args, interval_ms: int = 3000) -> dict:
+                  data_args, interval_ms: int = 3000, streaming: bool = False) -> dict:
     """One perf_analyzer measurement: infer/s, p50 and p99 latency (ms), and the
     stability it was measured at. `data_args` say what each request carries
     (--string-data/--shape, or --input-data). A shared 2-core machine is noisy: windows
-    must agree within 25 %, else (an overloaded peer swings more) within 50 %."""
+    must agree within 25 %, else (an overloaded peer swings more) within 50 %.
+    `streaming` (gRPC, decoupled models) also gives the time to the first response, p50
+    and p99 (ms), from perf_analyzer's profile export, as genai-perf reads it."""
     for stability in (25, 50):
-        report = workdir / f"{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
+        stem = f"{model}-{protocol}-{concurrency}-{time.monotonic_ns()}"
+        report = workdir / f"{stem}.csv"
+        profile = workdir / f"{stem}.json"
         command = [
             os.environ["PERF_ANALYZER"], "-m", model, "-i", protocol, "-u", url,
             "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
             "--stability-percentage", str(stability), "--max-trials", "20", *data_args,
             "-f", str(report),
+            *(["--streaming", "--profile-export-file", str(profile)] if streaming else []),
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode == 0:
@@ -59,12 +66,29 @@ def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir
             sys.exit(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     with open(report, newline="") as file:
         (row,) = list(csv.DictReader(file))
-    return {
+    measured = {
         "infer_per_s": float(row["Inferences/Second"]),
         "p50_ms": float(row["p50 latency"]) / 1000,
         "p99_ms": float(row["p99 latency"]) / 1000,
         "stability_percent": stability,
     }
+    if streaming:
+        measured.update(first_response_ms(profile))
+    return measured
+
+
+def first_response_ms(profile: Path) -> dict:
+    """p50 and p99 of the time from each request to its first response (ms), over the
+    requests of perf_analyzer's measurement windows."""
+    (experiment,) = json.loads(profile.read_text())["experiments"]
+    start, end = experiment["window_boundaries"][0], experiment["window_boundaries"][-1]
+    times = sorted((r["response_timestamps"][0] - r["timestamp"]) / 1e6
+                   for r in experiment["requests"]
+                   if r["response_timestamps"] and start <= r["timestamp"] < end)
+    if len(times) < 2:
+        sys.exit(f"{profile}: too few requests in the measurement windows")
+    quantiles = statistics.quantiles(times, n=100, method="inclusive")
+    return {"ttft_p50_ms": statistics.median(times), "ttft_p99_ms": quantiles[98]}
 
 
 def stability_note(results: dict) -> str:

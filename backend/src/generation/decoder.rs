@@ -9,11 +9,15 @@ use ort::value::{DynValue, Tensor, ValueType};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::RngCore;
 
+use super::cache_rows::{
+    self, JOINING, KEEP, MERGED, PAD, STAYING, SidePlan, TRIM, cache_tensor, side_input,
+};
 use super::params::GenerationParams;
 use super::row::Row;
 use super::sampler_graphs::{
-    self, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY, SAMPLER_REPETITION_PENALTY,
-    SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
+    self, CHOOSER_ROWS, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY,
+    SAMPLER_REPETITION_PENALTY, SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
+    TokenChooser,
 };
 use crate::error::BackendError;
 use crate::onnx::{Device, SessionOptions};
@@ -41,6 +45,11 @@ pub struct DecoderBinding {
     /// device: the logits stay there and only the chosen ids come back.
     picker: Session,
     sampler: Session,
+    /// [`sampler_graphs::plain_token_sampler`]: sampling rows that need no sort.
+    plain_sampler: Session,
+    /// [`cache_rows::cache_merger`] on the decoder's device: sequences join and leave
+    /// the running batch's cache there.
+    merger: Session,
 }
 
 fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
@@ -136,88 +145,160 @@ impl DecoderBinding {
             host_memory: memory_info(Device::Cpu)?,
             picker: sampler_graphs::greedy_token_picker(environment, options)?,
             sampler: sampler_graphs::token_sampler(environment, options)?,
+            plain_sampler: sampler_graphs::plain_token_sampler(environment, options)?,
+            merger: cache_rows::cache_merger(environment, options, layers * 2)?,
         })
     }
 
-    /// The greedy token of each row's last position, from logits left on the device.
-    pub(super) fn pick_greedy(
-        &mut self,
-        logits: &DynValue,
-        batch: usize,
-    ) -> Result<Vec<i64>, BackendError> {
-        choose_on_device(
-            &mut self.picker,
-            &self.host_memory,
-            logits,
-            Vec::new(),
-            batch,
-        )
+    /// A cache of `rows` rows and no columns, one tensor per layer and part.
+    pub(super) fn empty_cache(&self, rows: usize) -> Result<Vec<DynValue>, BackendError> {
+        (0..self.layers * 2)
+            .map(|_| {
+                let empty =
+                    Tensor::<f32>::from_array(([rows, self.heads, 0, self.head_dim], Vec::new()))?;
+                Ok(empty.into_dyn())
+            })
+            .collect()
     }
 
-    /// Each row's token chosen on the device with its own settings ([`sampler_graphs::token_sampler`]):
-    /// sampling rows draw the next number of their random generator; greedy rows take the
-    /// most likely token after the repetition penalty, and finished rows draw nothing.
-    pub(super) fn sample(
+    /// Merges two caches (one tensor per layer and part each) as `plans` say: the
+    /// staying side's kept rows, then the joining side's, on the decoder's device, in
+    /// one run.
+    pub(super) fn merge_caches(
+        &mut self,
+        staying: Vec<DynValue>,
+        joining: Vec<DynValue>,
+        plans: &[SidePlan; 2],
+    ) -> Result<Vec<DynValue>, BackendError> {
+        let mut io = self.merger.create_binding()?;
+        for (side, plan) in [STAYING, JOINING].into_iter().zip(plans) {
+            let scalar = |value: usize| Tensor::from_array(([1], vec![value as i64]));
+            io.bind_input(
+                side_input(side, KEEP),
+                &Tensor::from_array(([plan.keep.len()], plan.keep.clone()))?,
+            )?;
+            io.bind_input(side_input(side, TRIM), &scalar(plan.trim)?)?;
+            io.bind_input(side_input(side, PAD), &scalar(plan.pad)?)?;
+        }
+        for (side, cache) in [(STAYING, &staying), (JOINING, &joining)] {
+            for (tensor, value) in cache.iter().enumerate() {
+                io.bind_input(cache_tensor(side, tensor), value)?;
+            }
+        }
+        let tensors = self.layers * 2;
+        for tensor in 0..tensors {
+            io.bind_output_to_device(cache_tensor(MERGED, tensor), &self.device_memory)?;
+        }
+        let mut outputs = self.merger.run_binding(&io)?;
+        (0..tensors)
+            .map(|tensor| {
+                outputs
+                    .remove(cache_tensor(MERGED, tensor))
+                    .ok_or_else(|| BackendError::internal("the cache merger returned too little"))
+            })
+            .collect()
+    }
+
+    /// Each row's next token, chosen on the device from logits left there, by the graph
+    /// its own settings need ([`SamplerRow::chooser`]): sampling rows draw the next
+    /// number of their random generator; greedy rows take the most likely token (after
+    /// the repetition penalty).
+    pub(super) fn choose(
         &mut self,
         logits: &DynValue,
         rows: &mut [Row<'_>],
     ) -> Result<Vec<i64>, BackendError> {
-        let batch = rows.len();
-        let (mut temperature, mut top_k, mut top_p, mut draws, mut penalty) = (
-            Vec::with_capacity(batch),
-            Vec::with_capacity(batch),
-            Vec::with_capacity(batch),
-            Vec::with_capacity(batch),
-            Vec::with_capacity(batch),
-        );
-        for row in rows.iter_mut() {
-            let settings = SamplerRow::new(row.params, row.finished);
-            temperature.push(settings.temperature);
-            top_k.push(settings.top_k);
-            top_p.push(settings.top_p);
-            penalty.push(settings.repetition_penalty);
-            draws.push(if settings.draws {
-                uniform(&mut row.rng)
-            } else {
-                0.0
-            });
+        let mut chosen = vec![0; rows.len()];
+        for chooser in [
+            TokenChooser::Greedy,
+            TokenChooser::Plain,
+            TokenChooser::Sorted,
+        ] {
+            let selected: Vec<usize> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, row)| SamplerRow::chooser(&row.params) == chooser)
+                .map(|(index, _)| index)
+                .collect();
+            if selected.is_empty() {
+                continue;
+            }
+            let (graph, settings) = match chooser {
+                TokenChooser::Greedy => (&mut self.picker, Vec::new()),
+                TokenChooser::Plain => (
+                    &mut self.plain_sampler,
+                    sampler_settings(rows, &selected, false)?,
+                ),
+                TokenChooser::Sorted => {
+                    (&mut self.sampler, sampler_settings(rows, &selected, true)?)
+                }
+            };
+            let ids = choose_on_device(graph, &self.host_memory, logits, &selected, settings)?;
+            for (index, id) in selected.into_iter().zip(ids) {
+                chosen[index] = id;
+            }
         }
-        // Each row's prompt and new tokens, padded with its first token (a repeat is
-        // harmless: the penalty applies once per distinct token).
-        let length = rows
-            .iter()
-            .map(|r| r.prompt.len() + r.generated.len())
-            .max()
-            .unwrap_or(0);
-        let mut history = Vec::with_capacity(batch * length);
-        for row in rows.iter() {
-            let seen = row.prompt.iter().chain(&row.generated).copied();
-            let pad = row.prompt.first().copied().unwrap_or(0);
-            history.extend(seen.chain(std::iter::repeat(pad)).take(length));
-        }
-        let column = |values: Vec<f32>| Tensor::from_array(([batch, 1], values));
-        let settings = vec![
-            (SAMPLER_TEMPERATURE, column(temperature)?.into_dyn()),
-            (
-                SAMPLER_TOP_K,
-                Tensor::from_array(([batch, 1], top_k))?.into_dyn(),
-            ),
-            (SAMPLER_TOP_P, column(top_p)?.into_dyn()),
-            (SAMPLER_UNIFORM, column(draws)?.into_dyn()),
-            (SAMPLER_REPETITION_PENALTY, column(penalty)?.into_dyn()),
-            (
-                SAMPLER_HISTORY,
-                Tensor::from_array(([batch, length], history))?.into_dyn(),
-            ),
-        ];
-        choose_on_device(
-            &mut self.sampler,
-            &self.host_memory,
-            logits,
-            settings,
-            batch,
-        )
+        Ok(chosen)
     }
+}
+
+/// What a sampler graph is fed for the `selected` rows (`sorted`: with top-k and top-p,
+/// for [`sampler_graphs::token_sampler`]); each sampling row draws its number here.
+fn sampler_settings(
+    rows: &mut [Row<'_>],
+    selected: &[usize],
+    sorted: bool,
+) -> Result<Vec<(&'static str, DynValue)>, BackendError> {
+    let count = selected.len();
+    let (mut temperature, mut top_k, mut top_p, mut draws, mut penalty) = (
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+    );
+    // Each row's prompt and new tokens, padded with its first token (a repeat is
+    // harmless: the penalty applies once per distinct token).
+    let length = selected
+        .iter()
+        .map(|&index| rows[index].length())
+        .max()
+        .unwrap_or(0);
+    let mut history = Vec::with_capacity(count * length);
+    for &index in selected {
+        let row = &mut rows[index];
+        let settings = SamplerRow::new(&row.params);
+        temperature.push(settings.temperature);
+        top_k.push(settings.top_k);
+        top_p.push(settings.top_p);
+        penalty.push(settings.repetition_penalty);
+        draws.push(if settings.draws {
+            uniform(&mut row.rng)
+        } else {
+            0.0
+        });
+        let seen = row.prompt.iter().chain(&row.generated).copied();
+        let pad = row.prompt.first().copied().unwrap_or(0);
+        history.extend(seen.chain(std::iter::repeat(pad)).take(length));
+    }
+    let column = |values: Vec<f32>| Tensor::from_array(([count, 1], values));
+    let mut settings = vec![
+        (SAMPLER_TEMPERATURE, column(temperature)?.into_dyn()),
+        (SAMPLER_UNIFORM, column(draws)?.into_dyn()),
+        (SAMPLER_REPETITION_PENALTY, column(penalty)?.into_dyn()),
+        (
+            SAMPLER_HISTORY,
+            Tensor::from_array(([count, length], history))?.into_dyn(),
+        ),
+    ];
+    if sorted {
+        settings.push((
+            SAMPLER_TOP_K,
+            Tensor::from_array(([count, 1], top_k))?.into_dyn(),
+        ));
+        settings.push((SAMPLER_TOP_P, column(top_p)?.into_dyn()));
+    }
+    Ok(settings)
 }
 
 /// What [`sampler_graphs::token_sampler`] is fed for one row.
@@ -234,10 +315,18 @@ pub struct SamplerRow {
 }
 
 impl SamplerRow {
-    /// A sampling row's settings; a greedy row keeps only its most likely token, and a
-    /// finished row (which only rides along) is left unchanged.
-    pub fn new(params: &GenerationParams, finished: bool) -> Self {
-        let draws = !finished && params.do_sample;
+    /// The graph that chooses a row's tokens: the sort only where top-k or top-p need it.
+    pub fn chooser(params: &GenerationParams) -> TokenChooser {
+        match (params.do_sample, params.top_k, params.top_p) {
+            (false, _, _) if params.repetition_penalty == 1.0 => TokenChooser::Greedy,
+            (true, 0, top_p) if top_p >= 1.0 => TokenChooser::Plain,
+            _ => TokenChooser::Sorted,
+        }
+    }
+
+    /// A sampling row's settings; a greedy row keeps only its most likely token.
+    pub fn new(params: &GenerationParams) -> Self {
+        let draws = params.do_sample;
         SamplerRow {
             temperature: if draws { params.temperature } else { 1.0 },
             top_k: match params.top_k {
@@ -250,102 +339,37 @@ impl SamplerRow {
             } else {
                 f32::INFINITY
             },
-            repetition_penalty: if finished {
-                1.0
-            } else {
-                params.repetition_penalty
-            },
+            repetition_penalty: params.repetition_penalty,
             draws,
         }
     }
 }
 
-/// Runs a token-choosing graph on `logits` (left where the decoder put them) and the
-/// per-row `settings`; returns one token id per row, read in host memory.
+/// Runs a token-choosing graph on the `rows` of `logits` (left where the decoder put
+/// them) and their `settings`; returns one token id per row, read in host memory.
 fn choose_on_device(
     chooser: &mut Session,
     host_memory: &MemoryInfo<'static>,
     logits: &DynValue,
+    rows: &[usize],
     settings: Vec<(&str, DynValue)>,
-    batch: usize,
 ) -> Result<Vec<i64>, BackendError> {
+    let count = rows.len();
+    let indices =
+        Tensor::from_array(([count], rows.iter().map(|&r| r as i64).collect::<Vec<_>>()))?;
     let mut io = chooser.create_binding()?;
     io.bind_input(PICKER_LOGITS, logits)?;
+    io.bind_input(CHOOSER_ROWS, &indices)?;
     for (name, value) in &settings {
         io.bind_input(*name, value)?;
     }
     io.bind_output_to_device(PICKER_TOKEN_IDS, host_memory)?;
     let outputs = chooser.run_binding(&io)?;
     let (shape, ids) = outputs[PICKER_TOKEN_IDS].try_extract_tensor::<i64>()?;
-    if shape[..] != [batch as i64, 1] {
+    if shape[..] != [count as i64, 1] {
         return Err(BackendError::internal(format!(
-            "choosing tokens gave shape {shape:?} for {batch} rows"
+            "choosing tokens gave shape {shape:?} for {count} rows"
         )));
     }
     Ok(ids.to_vec())
-}
-
-/// A batch of equally long rows (row-major) that grows by one column per step.
-pub(super) struct Columns {
-    rows: usize,
-    values: Vec<i64>,
-}
-
-impl Columns {
-    pub(super) fn new(rows: usize) -> Self {
-        Columns {
-            rows,
-            values: Vec::new(),
-        }
-    }
-
-    pub(super) fn width(&self) -> usize {
-        self.values.len().checked_div(self.rows).unwrap_or(0)
-    }
-
-    /// Appends the next row while the columns are being filled row by row.
-    pub(super) fn extend_row(&mut self, row: impl IntoIterator<Item = i64>) {
-        self.values.extend(row);
-    }
-
-    pub(super) fn push_column(&mut self, column: &[i64]) {
-        let width = self.width();
-        let mut values = Vec::with_capacity(self.values.len() + self.rows);
-        for (row, &value) in column.iter().enumerate() {
-            values.extend_from_slice(&self.values[row * width..(row + 1) * width]);
-            values.push(value);
-        }
-        self.values = values;
-    }
-
-    /// The last `count` columns, row-major.
-    pub(super) fn last(&self, count: usize) -> Vec<i64> {
-        let width = self.width();
-        if width == 0 {
-            return Vec::new();
-        }
-        self.values
-            .chunks(width)
-            .flat_map(|row| row[width - count.min(width)..].iter().copied())
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn columns_grow_one_column_at_a_time() {
-        let mut columns = Columns::new(2);
-        columns.extend_row([1, 2]);
-        columns.extend_row([3, 4]);
-        columns.push_column(&[5, 6]);
-        assert_eq!(columns.width(), 3);
-        assert_eq!(columns.last(3), [1, 2, 5, 3, 4, 6]);
-        assert_eq!(columns.last(1), [5, 6]);
-        let mut empty = Columns::new(2);
-        empty.push_column(&[7, 8]);
-        assert_eq!(empty.last(1), [7, 8]);
-    }
 }

@@ -1,34 +1,43 @@
 //! Text generation with a GPT-2 style ONNX decoder that takes and returns past key
-//! values: one prefill over the left-padded prompts, then one step per new token that
-//! reuses the cache. Free of Triton FFI.
+//! values, with in-flight batching: each instance's decode thread runs one batch that
+//! requests join at the next step (one prefill over their prompts) and leave when
+//! they end, every step one new token per row over the shared cache. Free of Triton
+//! FFI.
 //!
 //! - [`params`]: sampling settings, from the config and from each request;
 //! - [`decoder`]: the decoder's interface, its cache kept on the device (IO binding);
 //! - [`sampler_graphs`]: the graphs that choose tokens where the decoder runs;
+//! - [`cache_rows`]: the graph that merges cache rows when sequences join or leave;
+//! - [`batch`]: the running batch; [`scheduler`]: the decode thread and its queue;
+//! - [`delivery`]: the thread that sends the responses;
 //! - [`text_stream`]: text decoded as it is generated, with stop strings.
 
+pub mod batch;
+pub mod cache_rows;
 pub mod decoder;
+mod delivery;
 pub mod params;
 mod row;
 pub mod sampler_graphs;
+pub mod scheduler;
 mod text_stream;
 
+use std::sync::Arc;
+
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::SeedableRng;
 use tokenizers::Tokenizer;
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
-use crate::responder::{CollectingResponder, Responder};
+use crate::responder::{CollectingResponder, Pending};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
 use crate::types::{DataType, InputTensor, OutputTensor, ParameterValue};
-use decoder::{Columns, DecoderBinding};
+use decoder::DecoderBinding;
 use params::{GenerationParams, as_bool};
 use row::Row;
-use text_stream::{TextStream, cut_at_stop};
+use scheduler::BatchLimits;
+use text_stream::cut_at_stop;
 
 /// Output of whole-response models: each prompt followed by its continuation.
 pub const GENERATED_TEXT: &str = "generated_text";
@@ -40,6 +49,18 @@ pub const STREAM_INPUT: &str = "stream";
 pub const MAX_PROMPTS: &str = "max_prompts_per_request";
 /// The default of [`MAX_PROMPTS`]: each prompt costs its own KV cache.
 pub const DEFAULT_MAX_PROMPTS: usize = 64;
+/// Config parameters bounding an instance's running batch ([`BatchLimits`]).
+pub const MAX_SEQUENCES: &str = "max_sequences_in_flight";
+pub const MAX_TOKENS: &str = "max_tokens_in_flight";
+/// Their defaults: as many sequences as one request may hold, and a cache of 8192
+/// positions (about 600 MiB for GPT-2 124M in FP32).
+pub const DEFAULT_LIMITS: BatchLimits = BatchLimits {
+    max_sequences: DEFAULT_MAX_PROMPTS,
+    max_tokens: 8192,
+};
+/// Response parameter of the final response: new tokens made for all the request's
+/// prompts.
+pub const GENERATED_TOKENS: &str = "generated_tokens";
 
 /// How a model answers: one response per request, or a stream of responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +100,7 @@ pub struct Generator {
     max_prompts: usize,
     max_text_bytes: usize,
     use_cache: bool,
+    limits: BatchLimits,
 }
 
 impl Generator {
@@ -106,6 +128,7 @@ impl Generator {
             max_prompts: DEFAULT_MAX_PROMPTS,
             max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             use_cache: true,
+            limits: DEFAULT_LIMITS,
         })
     }
 
@@ -122,6 +145,15 @@ impl Generator {
     pub fn with_max_text_bytes(mut self, max_text_bytes: usize) -> Self {
         self.max_text_bytes = max_text_bytes;
         self
+    }
+
+    pub fn with_limits(mut self, limits: BatchLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
     }
 
     /// Without the cache every step re-runs the whole sequence (same tokens, much
@@ -183,13 +215,26 @@ impl Generator {
             .iter()
             .map(|prompt| self.encode(prompt))
             .collect::<Result<_, _>>()?;
-        Ok(GenerationRequest {
+        let request = GenerationRequest {
             prompts,
             prompt_ids,
             text_shape: text.shape.clone(),
             params,
             stream,
-        })
+        };
+        let (rows, reach) = (request.rows(), self.request_reach(&request));
+        if !self.limits.admit(0, 0, rows, reach) {
+            return Err(BackendError::InvalidInput(format!(
+                "the request needs a cache of {} positions ({rows} prompts, padded to {reach} \
+                 tokens); this model holds at most {} sequences and {} positions at once \
+                 (parameters '{MAX_SEQUENCES}', '{MAX_TOKENS}'): send fewer prompts or ask \
+                 for fewer 'max_new_tokens'",
+                rows * reach,
+                self.limits.max_sequences,
+                self.limits.max_tokens
+            )));
+        }
+        Ok(request)
     }
 
     /// The token ids the decoder is fed for one prompt (`tokenizer.json`'s own special
@@ -216,19 +261,19 @@ impl Generator {
             .map_err(|e| BackendError::tokenizer("cannot decode the generated tokens", e))
     }
 
-    /// Generates for every prompt of every request in one batch. `responders[i]`
-    /// answers `requests[i]`: a request it reports cancelled stops at once, and a
-    /// streaming request gets its text as it is decoded. The result holds each
-    /// request's final outputs (for a stream: the text not sent yet).
-    pub fn run(
-        &self,
-        session: &mut Session,
-        binding: &mut DecoderBinding,
-        requests: &[GenerationRequest],
-        responders: &mut [&mut dyn Responder],
-    ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
-        let rows = self.generate(session, binding, requests, responders)?;
-        self.outputs(requests, rows)
+    /// The most tokens the longest of a request's prompts may reach.
+    pub fn request_reach(&self, request: &GenerationRequest) -> usize {
+        request
+            .prompt_ids
+            .iter()
+            .map(|ids| self.reach(ids.len(), &request.params))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The most tokens a prompt of `prompt_length` tokens may reach with `params`.
+    pub(super) fn reach(&self, prompt_length: usize, params: &GenerationParams) -> usize {
+        (prompt_length + params.max_new_tokens).min(self.context_length)
     }
 
     /// Runs one greedy step over a prompt of `context_length - 1` tokens, the longest a
@@ -258,100 +303,48 @@ impl Generator {
             },
             stream: false,
         };
-        let mut nobody = CollectingResponder::default();
-        self.generate(
-            session,
-            binding,
-            std::slice::from_ref(&request),
-            &mut [&mut nobody],
-        )
-        .map(|_| ())
-        .map_err(|error| {
-            BackendError::Config(format!(
+        let responder = CollectingResponder::default();
+        let collected = Arc::clone(&responder.collected);
+        let pending = Pending {
+            request,
+            responder: Box::new(responder),
+        };
+        batch::generate_all(self, session, binding, vec![pending]);
+        let error = collected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .error
+            .take();
+        match error {
+            None => Ok(()),
+            Some(error) => Err(BackendError::Config(format!(
                 "max_sequence_length (the context) is {length}, but a prompt of {} tokens \
                  fails on this model (is its position table shorter?): {error}",
                 length - 1
-            ))
+            ))),
+        }
+    }
+
+    /// A row's final text: for a stream, what it has not sent yet; otherwise its
+    /// prompt followed by its continuation (cut before any stop string).
+    fn final_text(
+        &self,
+        row: &Row<'_>,
+        prompts: &[String],
+        params: &GenerationParams,
+        stream: bool,
+    ) -> Result<String, BackendError> {
+        let full = self.decode(&row.generated)?;
+        let continuation = cut_at_stop(&full, &params.stop);
+        Ok(if stream {
+            row.text
+                .as_ref()
+                .map_or(continuation, |text| text.unsent_part_of(continuation))
+                .to_owned()
+        } else {
+            let prompt = prompts.get(row.index).map_or("", String::as_str);
+            format!("{prompt}{continuation}")
         })
-    }
-
-    /// The new token ids of each prompt, request after request (what benchmarks count).
-    pub fn generate_ids(
-        &self,
-        session: &mut Session,
-        binding: &mut DecoderBinding,
-        requests: &[GenerationRequest],
-        responders: &mut [&mut dyn Responder],
-    ) -> Result<Vec<Vec<i64>>, BackendError> {
-        let rows = self.generate(session, binding, requests, responders)?;
-        Ok(rows.into_iter().map(|row| row.generated).collect())
-    }
-
-    fn generate<'g>(
-        &'g self,
-        session: &mut Session,
-        binding: &mut DecoderBinding,
-        requests: &'g [GenerationRequest],
-        responders: &mut [&mut dyn Responder],
-    ) -> Result<Vec<Row<'g>>, BackendError> {
-        if responders.len() != requests.len() {
-            return Err(BackendError::internal(format!(
-                "{} responders for {} requests",
-                responders.len(),
-                requests.len()
-            )));
-        }
-        let mut rows = Vec::new();
-        for (request_index, request) in requests.iter().enumerate() {
-            for (index, prompt) in request.prompt_ids.iter().enumerate() {
-                let rng = match request.params.seed {
-                    Some(seed) => ChaCha8Rng::seed_from_u64(seed.wrapping_add(index as u64)),
-                    None => ChaCha8Rng::from_os_rng(),
-                };
-                rows.push(Row {
-                    request: request_index,
-                    prompt,
-                    params: &request.params,
-                    rng,
-                    generated: Vec::new(),
-                    text: (request.stream || !request.params.stop.is_empty())
-                        .then(|| TextStream::new(&self.tokenizer)),
-                    finished: false,
-                });
-            }
-        }
-        self.decode_loop(session, binding, &mut rows, requests, responders)?;
-        Ok(rows)
-    }
-
-    /// Each request's final outputs from its generated rows.
-    fn outputs(
-        &self,
-        requests: &[GenerationRequest],
-        rows: Vec<Row<'_>>,
-    ) -> Result<Vec<Vec<OutputTensor>>, BackendError> {
-        let mut finished = rows.into_iter();
-        let mut results = Vec::with_capacity(requests.len());
-        for request in requests {
-            let mut texts = Vec::with_capacity(request.rows());
-            for prompt in &request.prompts {
-                let row = finished
-                    .next()
-                    .ok_or_else(|| BackendError::internal("a generated row went missing"))?;
-                let full = self.decode(&row.generated)?;
-                let continuation = cut_at_stop(&full, &request.params.stop);
-                texts.push(if request.stream {
-                    row.text
-                        .as_ref()
-                        .map_or(continuation, |text| text.unsent_part_of(continuation))
-                        .to_owned()
-                } else {
-                    format!("{prompt}{continuation}")
-                });
-            }
-            results.push(vec![self.text_tensor(&request.text_shape, &texts)]);
-        }
-        Ok(results)
     }
 
     fn text_tensor(&self, shape: &[i64], texts: &[String]) -> OutputTensor {
@@ -364,187 +357,6 @@ impl Generator {
             datatype: DataType::Bytes,
             shape: shape.to_vec(),
             data: bytes_tensor::encode_elements(texts),
-        }
-    }
-
-    /// Sends each streaming request the text its prompts decoded since the last step.
-    /// A request that cannot take more text stops generating.
-    fn send_pieces(
-        &self,
-        rows: &mut [Row<'_>],
-        requests: &[GenerationRequest],
-        responders: &mut [&mut dyn Responder],
-    ) {
-        let mut first = 0;
-        for (index, request) in requests.iter().enumerate() {
-            let request_rows = &mut rows[first..first + request.rows()];
-            first += request.rows();
-            if !request.stream {
-                continue;
-            }
-            let pieces: Vec<String> = request_rows
-                .iter_mut()
-                .map(|row| {
-                    row.text
-                        .as_mut()
-                        .map(|text| text.take_ready(&row.params.stop))
-                        .unwrap_or_default()
-                })
-                .collect();
-            if pieces.iter().all(String::is_empty) {
-                continue;
-            }
-            let piece = self.text_tensor(&request.text_shape, &pieces);
-            let Some(responder) = responders.get_mut(index) else {
-                continue;
-            };
-            if let Err(error) = responder.respond(false, &mut |writer| writer.tensor(&piece)) {
-                responder.fail(&error);
-                request_rows.iter_mut().for_each(|row| row.finished = true);
-            }
-        }
-    }
-
-    fn decode_loop(
-        &self,
-        session: &mut Session,
-        binding: &mut DecoderBinding,
-        rows: &mut [Row<'_>],
-        requests: &[GenerationRequest],
-        responders: &mut [&mut dyn Responder],
-    ) -> Result<(), BackendError> {
-        let batch = rows.len();
-        let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        // Left padding: every prompt ends at the same column, so one step feeds all rows.
-        let mut ids = Columns::new(batch);
-        let mut mask = Columns::new(batch);
-        let mut positions = Columns::new(batch);
-        for row in rows.iter() {
-            let pad = width - row.prompt.len();
-            ids.extend_row(std::iter::repeat_n(self.eos_id, pad).chain(row.prompt.iter().copied()));
-            mask.extend_row(
-                std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, row.prompt.len())),
-            );
-            positions.extend_row(std::iter::repeat_n(0i64, pad).chain(0..row.prompt.len() as i64));
-        }
-        let (layers, heads, head_dim) = (binding.layers, binding.heads, binding.head_dim);
-        let empty_past = || -> Result<Vec<DynValue>, BackendError> {
-            (0..layers * 2)
-                .map(|_| {
-                    let empty =
-                        Tensor::<f32>::from_array(([batch, heads, 0, head_dim], Vec::new()))?;
-                    Ok(empty.into_dyn())
-                })
-                .collect()
-        };
-        let mut past = empty_past()?;
-        let mut io = session.create_binding()?;
-        // Columns fed this step: the whole prompt first; then, with the cache, only
-        // the newest column.
-        let mut step_width = width;
-        loop {
-            for row in rows.iter_mut().filter(|r| !r.finished) {
-                row.finished = responders
-                    .get(row.request)
-                    .is_some_and(|responder| responder.is_cancelled());
-            }
-            if rows.iter().all(|r| r.finished) {
-                return Ok(());
-            }
-            // Rebound at every step: the shapes change, and an output left bound from
-            // the last run would be reused at its old shape.
-            io.clear();
-            io.bind_input(
-                "input_ids",
-                &Tensor::from_array(([batch, step_width], ids.last(step_width)))?,
-            )?;
-            io.bind_input(
-                "attention_mask",
-                &Tensor::from_array(([batch, mask.width()], mask.last(mask.width())))?,
-            )?;
-            if binding.has_position_ids {
-                io.bind_input(
-                    "position_ids",
-                    &Tensor::from_array(([batch, step_width], positions.last(step_width)))?,
-                )?;
-            }
-            for (i, value) in past.drain(..).enumerate() {
-                let part = if i % 2 == 0 { "key" } else { "value" };
-                io.bind_input(format!("past_key_values.{}.{part}", i / 2), &value)?;
-            }
-            // The logits stay on the device, where the tokens are chosen.
-            io.bind_output_to_device("logits", &binding.device_memory)?;
-            for i in 0..binding.layers {
-                for part in ["key", "value"] {
-                    io.bind_output_to_device(
-                        format!("present.{i}.{part}"),
-                        &binding.device_memory,
-                    )?;
-                }
-            }
-            let mut outputs = session.run_binding(&io)?;
-            let logits = outputs
-                .remove("logits")
-                .ok_or_else(|| BackendError::internal("the decoder returned no logits"))?;
-            let chosen = if rows
-                .iter()
-                .all(|r| r.finished || r.params.is_plain_greedy())
-            {
-                binding.pick_greedy(&logits, batch)?
-            } else {
-                binding.sample(&logits, rows)?
-            };
-            let mut next = Vec::with_capacity(batch);
-            for (row, token) in rows.iter_mut().zip(chosen) {
-                if row.finished {
-                    next.push(self.eos_id);
-                    continue;
-                }
-                next.push(token);
-                if token == self.eos_id {
-                    row.finished = true;
-                    continue;
-                }
-                row.generated.push(token);
-                let stopped = match &mut row.text {
-                    Some(text) => text.push(token, &row.params.stop)?,
-                    None => false,
-                };
-                row.finished = stopped
-                    || row.generated.len() >= row.params.max_new_tokens
-                    || row.prompt.len() + row.generated.len() >= self.context_length;
-            }
-            self.send_pieces(rows, requests, responders);
-            if rows.iter().all(|r| r.finished) {
-                return Ok(());
-            }
-            if self.use_cache {
-                for i in 0..binding.layers {
-                    for part in ["key", "value"] {
-                        let name = format!("present.{i}.{part}");
-                        past.push(outputs.remove(&name).ok_or_else(|| {
-                            BackendError::internal(format!("the decoder returned no '{name}'"))
-                        })?);
-                    }
-                }
-                step_width = 1;
-            } else {
-                past = empty_past()?;
-                step_width += 1;
-            }
-            drop(outputs);
-            // Each active row's next position follows its own last one. A finished row
-            // only rides along (its logits are ignored) and keeps its position, which
-            // must stay inside the model's position table.
-            let next_positions: Vec<i64> = positions
-                .last(1)
-                .into_iter()
-                .zip(rows.iter())
-                .map(|(last, row)| if row.finished { last } else { last + 1 })
-                .collect();
-            positions.push_column(&next_positions);
-            ids.push_column(&next);
-            mask.push_column(&vec![1; batch]);
         }
     }
 }

@@ -161,11 +161,6 @@ impl GenerationParams {
         Ok(true)
     }
 
-    /// Greedy decoding with nothing that changes the logits: the arg-max is the token.
-    pub(super) fn is_plain_greedy(&self) -> bool {
-        !self.do_sample && self.repetition_penalty == 1.0
-    }
-
     fn validate(&self, context_length: usize) -> Result<(), BackendError> {
         let bad = |message: String| Err(BackendError::InvalidInput(message));
         if self.max_new_tokens == 0 || self.max_new_tokens > context_length {

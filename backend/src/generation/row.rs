@@ -1,4 +1,6 @@
-//! A prompt on its way through the decode loop.
+//! A prompt on its way through the running batch.
+
+use std::sync::Arc;
 
 use rand_chacha::ChaCha8Rng;
 
@@ -6,10 +8,11 @@ use super::params::GenerationParams;
 use super::text_stream::TextStream;
 
 pub(super) struct Row<'g> {
-    /// Index of the request this prompt came from.
-    pub request: usize,
-    pub prompt: &'g [i64],
-    pub params: &'g GenerationParams,
+    /// The request this prompt came from, and the prompt's index in it.
+    pub request: u64,
+    pub index: usize,
+    pub prompt: Vec<i64>,
+    pub params: Arc<GenerationParams>,
     /// The request's own generator: seeded by its `seed` (plus the prompt's index), or
     /// from the operating system.
     pub rng: ChaCha8Rng,
@@ -17,5 +20,14 @@ pub(super) struct Row<'g> {
     /// Only rows that stream or watch for stop strings decode as they go; the others
     /// decode their tokens once, at the end.
     pub text: Option<TextStream<'g>>,
+    /// Masked columns on the left of this row's part of the batch's cache.
+    pub padding: usize,
     pub finished: bool,
+}
+
+impl Row<'_> {
+    /// The tokens the decoder has seen or will see next: prompt, then generated.
+    pub fn length(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
 }

@@ -1,5 +1,7 @@
 //! The small graphs that choose tokens where the decoder runs (ONNX Runtime's model
 //! editor API, built at load): only the chosen ids cross to the host, never the logits.
+//! Each takes the rows of the batch it chooses for, so every row goes through the graph
+//! its own settings need ([`TokenChooser`]), whatever the other rows need.
 
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::environment::Environment;
@@ -11,23 +13,36 @@ use ort::value::{Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, V
 use crate::error::BackendError;
 use crate::onnx::{SessionOptions, session_builder};
 
-/// Input and output of [`greedy_token_picker`].
+/// Inputs and output of every graph here: the decoder's `logits [batch, sequence,
+/// vocab]`, the rows to choose for (`[n]` indices into the batch), one id per row.
 pub const PICKER_LOGITS: &str = "logits";
+pub const CHOOSER_ROWS: &str = "rows";
 pub const PICKER_TOKEN_IDS: &str = "token_ids";
 
-/// A two-node graph run where the decoder runs: `Gather` the last position of
-/// `logits [batch, sequence, vocab]`, then `ArgMax` over the vocabulary, giving
-/// `token_ids [batch, 1]`. Greedy decoding then moves only token ids from the device to
-/// the host, not the logits.
+/// Which graph chooses a row's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenChooser {
+    /// Greedy without a repetition penalty: [`greedy_token_picker`].
+    Greedy,
+    /// Sampling without top-k or top-p: [`plain_token_sampler`], no sort.
+    Plain,
+    /// Everything else: [`token_sampler`], over the sorted distribution.
+    Sorted,
+}
+
+/// A three-node graph run where the decoder runs: `Gather` the last position of
+/// `logits`, then the rows, then `ArgMax` over the vocabulary, giving `token_ids [n, 1]`.
+/// Greedy decoding then moves only token ids from the device to the host, not the
+/// logits.
 pub fn greedy_token_picker(
     environment: &Environment,
     options: SessionOptions,
 ) -> Result<Session, BackendError> {
     let mut graph = Graph::new()?;
-    graph.set_inputs([Outlet::new(
-        PICKER_LOGITS,
-        dynamic_tensor(TensorElementType::Float32, 3),
-    )])?;
+    graph.set_inputs([
+        Outlet::new(PICKER_LOGITS, dynamic_tensor(TensorElementType::Float32, 3)),
+        Outlet::new(CHOOSER_ROWS, dynamic_tensor(TensorElementType::Int64, 1)),
+    ])?;
     graph.set_outputs([Outlet::new(
         PICKER_TOKEN_IDS,
         dynamic_tensor(TensorElementType::Int64, 2),
@@ -44,21 +59,29 @@ pub fn greedy_token_picker(
     session_from_graph(graph, environment, options, "the greedy token picker")
 }
 
-/// `last_logits [batch, 1, vocab]`: the last position of `logits`, and the constant
-/// `last` ([-1]) that picks it.
+/// `last_logits [n, 1, vocab]`: the last position of the chosen rows of `logits` (that
+/// position first: a prefill's logits hold every position), and the constant `last`
+/// ([-1]) that picks it.
 fn add_last_position_logits(graph: &mut Graph) -> Result<(), BackendError> {
     add_constant(graph, "last", &[1], &[-1i64])?;
     add_node(
         graph,
         "Gather",
         &[PICKER_LOGITS, "last"],
-        "last_logits",
+        "every_last_logits",
         vec![Attribute::new("axis", 1i64)?],
+    )?;
+    add_node(
+        graph,
+        "Gather",
+        &["every_last_logits", CHOOSER_ROWS],
+        "last_logits",
+        vec![Attribute::new("axis", 0i64)?],
     )
 }
 
 /// A tensor type whose `rank` dimensions are all dynamic.
-fn dynamic_tensor(ty: TensorElementType, rank: usize) -> ValueType {
+pub(super) fn dynamic_tensor(ty: TensorElementType, rank: usize) -> ValueType {
     ValueType::Tensor {
         ty,
         shape: Shape::new(vec![-1; rank]),
@@ -67,7 +90,7 @@ fn dynamic_tensor(ty: TensorElementType, rank: usize) -> ValueType {
 }
 
 /// A session for a graph built here, with the decoder's options (so on its device).
-fn session_from_graph(
+pub(super) fn session_from_graph(
     graph: Graph,
     environment: &Environment,
     options: SessionOptions,
@@ -95,7 +118,7 @@ pub const SAMPLER_REPETITION_PENALTY: &str = "repetition_penalty";
 pub const SAMPLER_HISTORY: &str = "history";
 
 /// A constant of the graph.
-fn add_constant<T>(
+pub(super) fn add_constant<T>(
     graph: &mut Graph,
     name: &str,
     shape: &[i64],
@@ -111,7 +134,7 @@ where
 }
 
 /// One node of the graph: `op` from `inputs` to `output`.
-fn add_node(
+pub(super) fn add_node(
     graph: &mut Graph,
     op: &str,
     inputs: &[&str],
@@ -139,93 +162,16 @@ pub fn token_sampler(
     environment: &Environment,
     options: SessionOptions,
 ) -> Result<Session, BackendError> {
-    let mut graph = Graph::new()?;
-    graph.set_inputs([
-        Outlet::new(PICKER_LOGITS, dynamic_tensor(TensorElementType::Float32, 3)),
-        Outlet::new(
-            SAMPLER_TEMPERATURE,
-            dynamic_tensor(TensorElementType::Float32, 2),
-        ),
-        Outlet::new(SAMPLER_TOP_K, dynamic_tensor(TensorElementType::Int64, 2)),
-        Outlet::new(SAMPLER_TOP_P, dynamic_tensor(TensorElementType::Float32, 2)),
-        Outlet::new(
-            SAMPLER_UNIFORM,
-            dynamic_tensor(TensorElementType::Float32, 2),
-        ),
-        Outlet::new(
-            SAMPLER_REPETITION_PENALTY,
-            dynamic_tensor(TensorElementType::Float32, 2),
-        ),
-        Outlet::new(SAMPLER_HISTORY, dynamic_tensor(TensorElementType::Int64, 2)),
+    let mut graph = sampler_graph(&[
+        (SAMPLER_TOP_K, TensorElementType::Int64),
+        (SAMPLER_TOP_P, TensorElementType::Float32),
     ])?;
-    graph.set_outputs([Outlet::new(
-        PICKER_TOKEN_IDS,
-        dynamic_tensor(TensorElementType::Int64, 2),
-    )])?;
-    add_last_position_logits(&mut graph)?;
-    add_constant(&mut graph, "axis_0", &[1], &[0i64])?;
-    add_constant(&mut graph, "axis_1", &[1], &[1i64])?;
-    add_constant(&mut graph, "axis_1_scalar", &[], &[1i64])?;
-    add_constant(&mut graph, "zero", &[], &[0i64])?;
-    add_constant(&mut graph, "one", &[], &[1i64])?;
-    add_constant(&mut graph, "zero_f", &[], &[0f32])?;
-    add_constant(&mut graph, "minus_infinity", &[], &[f32::NEG_INFINITY])?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     let g = &mut graph;
-    // The last position's logits, the seen tokens' penalized (a token seen twice is
-    // written twice with the same value).
-    add_node(
-        g,
-        "Squeeze",
-        &["last_logits", "axis_1"],
-        "row_logits",
-        vec![],
-    )?;
-    let gather = vec![axis("axis", 1)?];
-    add_node(
-        g,
-        "GatherElements",
-        &["row_logits", SAMPLER_HISTORY],
-        "seen",
-        gather,
-    )?;
-    add_node(g, "Greater", &["seen", "zero_f"], "seen_positive", vec![])?;
-    add_node(
-        g,
-        "Div",
-        &["seen", SAMPLER_REPETITION_PENALTY],
-        "seen_divided",
-        vec![],
-    )?;
-    add_node(
-        g,
-        "Mul",
-        &["seen", SAMPLER_REPETITION_PENALTY],
-        "seen_multiplied",
-        vec![],
-    )?;
-    add_node(
-        g,
-        "Where",
-        &["seen_positive", "seen_divided", "seen_multiplied"],
-        "seen_penalized",
-        vec![],
-    )?;
-    add_node(
-        g,
-        "ScatterElements",
-        &["row_logits", SAMPLER_HISTORY, "seen_penalized"],
-        "penalized",
-        vec![axis("axis", 1)?],
-    )?;
-    // Over the temperature, sorted (ties: lower id first).
-    add_node(
-        g,
-        "Div",
-        &["penalized", SAMPLER_TEMPERATURE],
-        "scaled",
-        vec![],
-    )?;
+    add_constant(g, "axis_0", &[1], &[0i64])?;
+    add_constant(g, "zero", &[], &[0i64])?;
+    add_constant(g, "minus_infinity", &[], &[f32::NEG_INFINITY])?;
+    // Sorted (ties: lower id first).
     add_node(g, "Shape", &["scaled"], "vocab", vec![axis("start", 1)?])?;
     graph.add_node(Node::new(
         "TopK",
@@ -283,10 +229,157 @@ pub fn token_sampler(
         vec![],
     )?;
     // The draw: the first token whose cumulative mass passes uniform * kept mass.
+    add_draw(g, "kept")?;
+    // Rounding can leave the target at the whole mass: keep the rank inside the table.
+    add_node(g, "Sub", &["vocab", "one"], "last_rank", vec![])?;
+    add_node(g, "Min", &["drawn_rank", "last_rank"], "rank_drawn", vec![])?;
+    add_node(
+        g,
+        "GatherElements",
+        &["order", "rank_drawn"],
+        PICKER_TOKEN_IDS,
+        vec![axis("axis", 1)?],
+    )?;
+    session_from_graph(graph, environment, options, "the token sampler")
+}
+
+/// A sampler graph's inputs (the settings every sampler takes, then `extra` ones, all
+/// `[n, 1]`), its output, and the nodes every sampler shares: the rows' last position,
+/// the repetition penalty on the `history` tokens, then the temperature, giving
+/// `scaled [n, vocab]`; plus the constants `axis_1`, `axis_1_scalar`, `one`, `zero_f`.
+fn sampler_graph(extra: &[(&str, TensorElementType)]) -> Result<Graph, BackendError> {
+    let mut graph = Graph::new()?;
+    let mut inputs = vec![
+        Outlet::new(PICKER_LOGITS, dynamic_tensor(TensorElementType::Float32, 3)),
+        Outlet::new(CHOOSER_ROWS, dynamic_tensor(TensorElementType::Int64, 1)),
+        Outlet::new(
+            SAMPLER_TEMPERATURE,
+            dynamic_tensor(TensorElementType::Float32, 2),
+        ),
+        Outlet::new(
+            SAMPLER_UNIFORM,
+            dynamic_tensor(TensorElementType::Float32, 2),
+        ),
+        Outlet::new(
+            SAMPLER_REPETITION_PENALTY,
+            dynamic_tensor(TensorElementType::Float32, 2),
+        ),
+        Outlet::new(SAMPLER_HISTORY, dynamic_tensor(TensorElementType::Int64, 2)),
+    ];
+    inputs.extend(
+        extra
+            .iter()
+            .map(|&(name, ty)| Outlet::new(name, dynamic_tensor(ty, 2))),
+    );
+    graph.set_inputs(inputs)?;
+    graph.set_outputs([Outlet::new(
+        PICKER_TOKEN_IDS,
+        dynamic_tensor(TensorElementType::Int64, 2),
+    )])?;
+    add_last_position_logits(&mut graph)?;
+    add_constant(&mut graph, "axis_1", &[1], &[1i64])?;
+    add_constant(&mut graph, "axis_1_scalar", &[], &[1i64])?;
+    add_constant(&mut graph, "one", &[], &[1i64])?;
+    add_constant(&mut graph, "zero_f", &[], &[0f32])?;
+    let axis = |name: &str, value: i64| Attribute::new(name, value);
+    let g = &mut graph;
+    // The last position's logits, the seen tokens' penalized (a token seen twice is
+    // written twice with the same value).
+    add_node(
+        g,
+        "Squeeze",
+        &["last_logits", "axis_1"],
+        "row_logits",
+        vec![],
+    )?;
+    let gather = vec![axis("axis", 1)?];
+    add_node(
+        g,
+        "GatherElements",
+        &["row_logits", SAMPLER_HISTORY],
+        "seen",
+        gather,
+    )?;
+    add_node(g, "Greater", &["seen", "zero_f"], "seen_positive", vec![])?;
+    add_node(
+        g,
+        "Div",
+        &["seen", SAMPLER_REPETITION_PENALTY],
+        "seen_divided",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "Mul",
+        &["seen", SAMPLER_REPETITION_PENALTY],
+        "seen_multiplied",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "Where",
+        &["seen_positive", "seen_divided", "seen_multiplied"],
+        "seen_penalized",
+        vec![],
+    )?;
+    add_node(
+        g,
+        "ScatterElements",
+        &["row_logits", SAMPLER_HISTORY, "seen_penalized"],
+        "penalized",
+        vec![axis("axis", 1)?],
+    )?;
+    // Over the temperature.
+    add_node(
+        g,
+        "Div",
+        &["penalized", SAMPLER_TEMPERATURE],
+        "scaled",
+        vec![],
+    )?;
+    Ok(graph)
+}
+
+/// Sampling without top-k or top-p, as [`token_sampler`] does it but without sorting
+/// the vocabulary (the sort is most of that graph's time): the repetition penalty, the
+/// temperature, then the draw `uniform` against the cumulative probabilities in id
+/// order. The same distribution as [`token_sampler`], though not the same token for the
+/// same draw.
+pub fn plain_token_sampler(
+    environment: &Environment,
+    options: SessionOptions,
+) -> Result<Session, BackendError> {
+    let mut graph = sampler_graph(&[])?;
+    let axis = |name: &str, value: i64| Attribute::new(name, value);
+    let g = &mut graph;
+    add_node(
+        g,
+        "Softmax",
+        &["scaled"],
+        "probabilities",
+        vec![axis("axis", -1)?],
+    )?;
+    add_draw(g, "probabilities")?;
+    add_node(g, "Shape", &["scaled"], "vocab", vec![axis("start", 1)?])?;
+    add_node(g, "Sub", &["vocab", "one"], "last_id", vec![])?;
+    add_node(
+        g,
+        "Min",
+        &["drawn_rank", "last_id"],
+        PICKER_TOKEN_IDS,
+        vec![],
+    )?;
+    session_from_graph(graph, environment, options, "the plain token sampler")
+}
+
+/// `drawn_rank [n, 1]`: the first place whose cumulative mass of `kept` passes
+/// `uniform` times the row's whole kept mass.
+fn add_draw(g: &mut Graph, kept: &str) -> Result<(), BackendError> {
+    let axis = |name: &str, value: i64| Attribute::new(name, value);
     add_node(
         g,
         "CumSum",
-        &["kept", "axis_1_scalar"],
+        &[kept, "axis_1_scalar"],
         "mass_through",
         vec![],
     )?;
@@ -312,16 +405,5 @@ pub fn token_sampler(
         &["passed_count", "axis_1"],
         "drawn_rank",
         vec![axis("keepdims", 1)?],
-    )?;
-    // Rounding can leave the target at the whole mass: keep the rank inside the table.
-    add_node(g, "Sub", &["vocab", "one"], "last_rank", vec![])?;
-    add_node(g, "Min", &["drawn_rank", "last_rank"], "rank_drawn", vec![])?;
-    add_node(
-        g,
-        "GatherElements",
-        &["order", "rank_drawn"],
-        PICKER_TOKEN_IDS,
-        vec![axis("axis", 1)?],
-    )?;
-    session_from_graph(graph, environment, options, "the token sampler")
+    )
 }

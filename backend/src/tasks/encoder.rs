@@ -120,7 +120,7 @@ pub struct Encoder {
 impl Encoder {
     pub fn load(model: &ModelContext<'_>, settings: EncoderSettings) -> Result<Self, BackendError> {
         let (session, text, batch) = settings;
-        let onnx = OnnxModel::open(model.onnxruntime, model.version_dir, session)?;
+        let onnx = model.onnx_model(session)?;
         let encoder = TextEncoder::from_file(
             &model.version_dir.join(TOKENIZER_FILE),
             text.max_sequence_length,
@@ -433,7 +433,9 @@ impl Encoder {
 
     /// The model version's memory: its tokenizer.
     pub fn memory_usage(&self) -> Vec<MemoryUsage> {
-        vec![memory::tokenizer_usage(self.text.tokenizer())]
+        let mut usage = vec![memory::tokenizer_usage(self.text.tokenizer())];
+        usage.extend(self.model.memory_usage());
+        usage
     }
 
     /// An instance's memory: its session's weights, on its device.
@@ -441,9 +443,6 @@ impl Encoder {
         &self,
         instance: &EncoderInstance,
     ) -> Result<Vec<MemoryUsage>, BackendError> {
-        Ok(vec![memory::session_weights(
-            &self.model.path,
-            instance.device,
-        )?])
+        Ok(vec![self.model.instance_memory_usage(instance.device)?])
     }
 }

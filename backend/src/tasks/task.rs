@@ -6,9 +6,10 @@ use std::path::Path;
 
 use crate::config::{ModelConfig, TensorSpec};
 use crate::error::BackendError;
-use crate::onnx::{Device, OnnxRuntimeLibrary};
+use crate::onnx::{Device, OnnxModel, OnnxRuntimeLibrary};
+pub use crate::responder::Pending;
 use crate::responder::Responder;
-use crate::settings::Settings;
+use crate::settings::{SessionSettings, Settings};
 use crate::triton::Server;
 use crate::types::{InputTensor, MemoryUsage, ParameterValue};
 
@@ -64,6 +65,19 @@ pub struct ModelContext<'a> {
     pub server: Server,
 }
 
+impl ModelContext<'_> {
+    /// The version's `model.onnx`, for sessions with `threads`, its weights shared when
+    /// the version has more than one instance.
+    pub fn onnx_model(&self, threads: SessionSettings) -> Result<OnnxModel, BackendError> {
+        OnnxModel::open(
+            self.onnxruntime,
+            self.version_dir,
+            threads,
+            self.config.instance_count(),
+        )
+    }
+}
+
 /// What a task needs to build an instance.
 #[derive(Debug, Clone)]
 pub struct InstanceContext {
@@ -81,12 +95,6 @@ pub struct RequestData<'r> {
     pub requested_outputs: Vec<String>,
     /// The request's timeout in microseconds (0: none).
     pub timeout_us: u64,
-}
-
-/// A prepared request waiting in a batch, and who answers it.
-pub struct Pending<R> {
-    pub request: R,
-    pub responder: Box<dyn Responder>,
 }
 
 /// The batch's requests and, in the same order, their responders.

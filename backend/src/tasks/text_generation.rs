@@ -1,23 +1,25 @@
 //! `text-generation`: prompts in, the prompt and its continuation out (one response),
-//! or, for decoupled models, the continuation streamed as it is decoded.
+//! or, for decoupled models, the continuation streamed as it is decoded. `execute`
+//! hands requests to the instance's decode thread and returns: they join its running
+//! batch at the next step (in-flight batching).
 
-use ort::session::Session;
+use std::sync::Arc;
+
 use serde::Deserialize;
 
 use super::task::{
-    Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract, fail_all,
-    unzip_batch,
+    Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
 };
 use crate::error::BackendError;
 use crate::generation::decoder::DecoderBinding;
 use crate::generation::params::{ConfigDefaults, GenerationParams};
+use crate::generation::scheduler::{BatchLimits, DecodeLoop};
 use crate::generation::{
-    DEFAULT_MAX_PROMPTS, GENERATED_TEXT, GenerationRequest, Generator, ResponseMode, STREAM_INPUT,
-    TEXT_OUTPUT,
+    DEFAULT_LIMITS, DEFAULT_MAX_PROMPTS, GENERATED_TEXT, GenerationRequest, Generator, MAX_PROMPTS,
+    MAX_SEQUENCES, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
 };
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};
-use crate::responder::{Responder, respond_with};
 use crate::settings::{
     SessionSettings, SettingsGroup, TextSettings, flag, non_empty, positive_at_most,
 };
@@ -61,6 +63,14 @@ fn enabled() -> bool {
     true
 }
 
+fn default_max_sequences() -> usize {
+    DEFAULT_LIMITS.max_sequences
+}
+
+fn default_max_tokens() -> usize {
+    DEFAULT_LIMITS.max_tokens
+}
+
 /// What the decoder needs besides sampling defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DecoderSettings {
@@ -76,19 +86,31 @@ pub struct DecoderSettings {
     /// "false" re-runs the whole sequence at every step (a baseline).
     #[serde(default = "enabled", deserialize_with = "flag")]
     pub use_cache: bool,
+    /// Sequences (prompts) an instance runs at once; 1 runs one request at a time.
+    #[serde(
+        default = "default_max_sequences",
+        deserialize_with = "positive_at_most::<4096, _>"
+    )]
+    pub max_sequences_in_flight: usize,
+    /// Cache positions an instance's running batch may hold (sequences × the longest
+    /// one's reach): the bound on its KV cache memory.
+    #[serde(
+        default = "default_max_tokens",
+        deserialize_with = "positive_at_most::<16777216, _>"
+    )]
+    pub max_tokens_in_flight: usize,
 }
 
 impl SettingsGroup for DecoderSettings {}
 
-/// One instance: the decoder's session and its binding.
+/// One instance: the decode thread, which owns the decoder's session.
 pub struct GenerationInstance {
-    session: Session,
-    binding: DecoderBinding,
+    decode: DecodeLoop,
     device: Device,
 }
 
 pub struct TextGeneration {
-    generator: Generator,
+    generator: Arc<Generator>,
     model: OnnxModel,
 }
 
@@ -119,7 +141,14 @@ impl Task for TextGeneration {
 
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError> {
         let (session, text, decoder, defaults) = settings;
-        let onnx = OnnxModel::open(model.onnxruntime, model.version_dir, session)?;
+        if decoder.max_prompts_per_request > decoder.max_sequences_in_flight {
+            return Err(BackendError::Config(format!(
+                "'{MAX_PROMPTS}' is {} but '{MAX_SEQUENCES}' is {}: a request with that many \
+                 prompts could never run",
+                decoder.max_prompts_per_request, decoder.max_sequences_in_flight
+            )));
+        }
+        let onnx = model.onnx_model(session)?;
         let context_length = text
             .max_sequence_length
             .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
@@ -138,9 +167,13 @@ impl Task for TextGeneration {
         .with_mode(mode)
         .with_max_prompts(decoder.max_prompts_per_request)
         .with_max_text_bytes(text.max_text_bytes)
-        .with_cache(decoder.use_cache);
+        .with_cache(decoder.use_cache)
+        .with_limits(BatchLimits {
+            max_sequences: decoder.max_sequences_in_flight,
+            max_tokens: decoder.max_tokens_in_flight,
+        });
         Ok(TextGeneration {
-            generator,
+            generator: Arc::new(generator),
             model: onnx,
         })
     }
@@ -154,8 +187,12 @@ impl Task for TextGeneration {
         )?;
         self.generator.probe(&mut session, &mut binding)?;
         Ok(GenerationInstance {
-            session,
-            binding,
+            decode: DecodeLoop::start(
+                &instance.name,
+                Arc::clone(&self.generator),
+                session,
+                binding,
+            )?,
             device: instance.device,
         })
     }
@@ -174,38 +211,19 @@ impl Task for TextGeneration {
     }
 
     fn execute(&self, instance: &mut GenerationInstance, batch: Vec<Pending<GenerationRequest>>) {
-        let (requests, mut responders) = unzip_batch(batch);
-        let mut answering: Vec<&mut dyn Responder> = responders
-            .iter_mut()
-            .map(|r| &mut **r as &mut dyn Responder)
-            .collect();
-        let generated = self.generator.run(
-            &mut instance.session,
-            &mut instance.binding,
-            &requests,
-            &mut answering,
-        );
-        match generated {
-            Ok(outputs) => {
-                for (responder, outputs) in answering.into_iter().zip(outputs) {
-                    respond_with(responder, &outputs);
-                }
-            }
-            Err(error) => fail_all(&mut responders, &error),
-        }
+        instance.decode.submit(batch);
     }
 
     fn memory_usage(&self) -> Vec<MemoryUsage> {
-        vec![memory::tokenizer_usage(self.generator.tokenizer())]
+        let mut usage = vec![memory::tokenizer_usage(self.generator.tokenizer())];
+        usage.extend(self.model.memory_usage());
+        usage
     }
 
     fn instance_memory_usage(
         &self,
         instance: &GenerationInstance,
     ) -> Result<Vec<MemoryUsage>, BackendError> {
-        Ok(vec![memory::session_weights(
-            &self.model.path,
-            instance.device,
-        )?])
+        Ok(vec![self.model.instance_memory_usage(instance.device)?])
     }
 }

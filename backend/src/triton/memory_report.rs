@@ -62,7 +62,7 @@ pub(super) fn report(
         u32,
     ) -> *mut sys::TRITONSERVER_Error,
 ) -> Result<()> {
-    let attributes = usage
+    let attributes = MemoryUsage::by_place(usage)
         .iter()
         .map(BufferAttributes::new)
         .collect::<Result<Vec<_>>>()?;

@@ -1,0 +1,535 @@
+//! In-flight (continuous) batching: the sequences running on one instance's decoder.
+//! A request's prompts join at the next step (one prefill over them, their cache rows
+//! merged into the batch's cache), every row makes one token per step, and a row
+//! leaves as soon as it ends (end of text, `max_new_tokens`, a stop string, the
+//! context, or its request cancelled) without holding up the others. A request is
+//! answered when its last row ends; a streaming one gets its text as it is decoded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::SeedableRng;
+
+use super::cache_rows::plan_merge;
+use super::decoder::DecoderBinding;
+use super::delivery::{Letter, Outbox, Recipient};
+use super::params::GenerationParams;
+use super::row::Row;
+use super::text_stream::TextStream;
+use super::{GenerationRequest, Generator};
+use crate::error::BackendError;
+use crate::responder::{Pending, Responder};
+
+/// A request whose rows are running.
+struct Active {
+    prompts: Vec<String>,
+    text_shape: Vec<i64>,
+    stream: bool,
+    params: Arc<GenerationParams>,
+    recipient: Arc<Recipient>,
+    /// Each prompt's final text, once its row has ended.
+    texts: Vec<Option<String>>,
+    /// Rows still running.
+    running: usize,
+    generated_tokens: usize,
+}
+
+/// What the decoder is fed for some rows in one run.
+struct Feed {
+    rows: usize,
+    /// `[rows, step]`: the tokens and their positions.
+    ids: Vec<i64>,
+    positions: Vec<i64>,
+    step: usize,
+    /// `[rows, columns]`: the cache's columns and the step's.
+    mask: Vec<i64>,
+    columns: usize,
+    past: Vec<DynValue>,
+}
+
+/// The rows running on one decoder, and their cache.
+pub struct RunningBatch<'g> {
+    generator: &'g Generator,
+    /// In the order of the cache's rows.
+    rows: Vec<Row<'g>>,
+    requests: HashMap<u64, Active>,
+    next_request: u64,
+    /// With the cache on: one tensor per layer and part, `[rows, heads, width,
+    /// head_dim]`, every row's part ending at the last column.
+    cache: Vec<DynValue>,
+    width: usize,
+    outbox: Outbox,
+}
+
+impl<'g> RunningBatch<'g> {
+    pub(super) fn new(generator: &'g Generator, outbox: Outbox) -> Self {
+        RunningBatch {
+            generator,
+            outbox,
+            rows: Vec::new(),
+            requests: HashMap::new(),
+            next_request: 0,
+            cache: Vec::new(),
+            width: 0,
+        }
+    }
+
+    /// Rows (sequences) running.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The most tokens a running row may reach (what its cache may grow to).
+    pub fn longest_reach(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|row| self.generator.reach(row.prompt.len(), &row.params))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Lets requests join: one prefill over their prompts chooses each one's first
+    /// token, and their cache rows join the batch's. A failed prefill fails only them.
+    pub fn admit(
+        &mut self,
+        session: &mut Session,
+        binding: &mut DecoderBinding,
+        pending: Vec<Pending<GenerationRequest>>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let first = self.rows.len();
+        for Pending { request, responder } in pending {
+            self.add(request, responder);
+        }
+        match self.prefill(session, binding, first) {
+            Ok(joining) => {
+                self.send_pieces();
+                if let Err(error) = self.settle(binding, first, joining) {
+                    self.fail_all(&error);
+                }
+            }
+            Err(error) => self.fail_joining(first, &error),
+        }
+    }
+
+    /// One new token for every running row; rows that end leave the batch.
+    pub fn step(&mut self, session: &mut Session, binding: &mut DecoderBinding) {
+        for row in &mut self.rows {
+            row.finished = self
+                .requests
+                .get(&row.request)
+                .is_none_or(|active| active.recipient.should_stop());
+        }
+        let all = self.rows.len();
+        let stepped = self.settle(binding, all, None).and_then(|()| {
+            if self.rows.is_empty() {
+                Ok(())
+            } else {
+                self.decode(session, binding)
+            }
+        });
+        if let Err(error) = stepped {
+            self.fail_all(&error);
+            return;
+        }
+        self.send_pieces();
+        let all = self.rows.len();
+        if let Err(error) = self.settle(binding, all, None) {
+            self.fail_all(&error);
+        }
+    }
+
+    fn add(&mut self, request: GenerationRequest, responder: Box<dyn Responder>) {
+        let key = self.next_request;
+        self.next_request += 1;
+        let GenerationRequest {
+            prompts,
+            prompt_ids,
+            text_shape,
+            params,
+            stream,
+        } = request;
+        let params = Arc::new(params);
+        let decodes = stream || !params.stop.is_empty();
+        for (index, prompt) in prompt_ids.into_iter().enumerate() {
+            let rng = match params.seed {
+                Some(seed) => ChaCha8Rng::seed_from_u64(seed.wrapping_add(index as u64)),
+                None => ChaCha8Rng::from_os_rng(),
+            };
+            self.rows.push(Row {
+                request: key,
+                index,
+                prompt,
+                params: Arc::clone(&params),
+                rng,
+                generated: Vec::new(),
+                text: decodes.then(|| TextStream::new(self.generator.tokenizer())),
+                padding: 0,
+                finished: false,
+            });
+        }
+        self.requests.insert(
+            key,
+            Active {
+                texts: vec![None; prompts.len()],
+                running: prompts.len(),
+                prompts,
+                text_shape,
+                stream,
+                params,
+                recipient: Recipient::new(responder),
+                generated_tokens: 0,
+            },
+        );
+    }
+
+    /// Runs the rows from `first` on over their prompts; returns their cache (with the
+    /// cache on) and its width.
+    fn prefill(
+        &mut self,
+        session: &mut Session,
+        binding: &mut DecoderBinding,
+        first: usize,
+    ) -> Result<Option<(Vec<DynValue>, usize)>, BackendError> {
+        let feed = self.whole_sequences(binding, first)?;
+        let width = feed.step;
+        let (logits, present) = run_decoder(session, binding, feed)?;
+        self.choose_and_accept(binding, &logits, first)?;
+        Ok(self.generator.use_cache.then_some((present, width)))
+    }
+
+    /// One step for every row: with the cache, each row's newest token; without it,
+    /// every row's whole sequence again.
+    fn decode(
+        &mut self,
+        session: &mut Session,
+        binding: &mut DecoderBinding,
+    ) -> Result<(), BackendError> {
+        let feed = if self.generator.use_cache {
+            self.newest_tokens()
+        } else {
+            self.whole_sequences(binding, 0)?
+        };
+        let (logits, present) = run_decoder(session, binding, feed)?;
+        if self.generator.use_cache {
+            self.cache = present;
+            self.width += 1;
+        }
+        self.choose_and_accept(binding, &logits, 0)
+    }
+
+    /// The rows from `first` on, each whole (prompt and new tokens), left-padded to the
+    /// longest, with an empty cache; each row's padding is noted.
+    fn whole_sequences(
+        &mut self,
+        binding: &DecoderBinding,
+        first: usize,
+    ) -> Result<Feed, BackendError> {
+        let rows = &mut self.rows[first..];
+        let width = rows.iter().map(Row::length).max().unwrap_or(0);
+        let mut feed = Feed {
+            rows: rows.len(),
+            ids: Vec::with_capacity(rows.len() * width),
+            positions: Vec::with_capacity(rows.len() * width),
+            step: width,
+            mask: Vec::with_capacity(rows.len() * width),
+            columns: width,
+            past: binding.empty_cache(rows.len())?,
+        };
+        for row in rows.iter_mut() {
+            let length = row.length();
+            row.padding = width - length;
+            let sequence = row.prompt.iter().chain(&row.generated).copied();
+            feed.ids
+                .extend(std::iter::repeat_n(self.generator.eos_id, row.padding).chain(sequence));
+            feed.mask
+                .extend(std::iter::repeat_n(0, row.padding).chain(std::iter::repeat_n(1, length)));
+            feed.positions
+                .extend(std::iter::repeat_n(0, row.padding).chain(0..length as i64));
+        }
+        Ok(feed)
+    }
+
+    /// Every row's newest token over the batch's cache.
+    fn newest_tokens(&mut self) -> Feed {
+        let rows = self.rows.len();
+        let columns = self.width + 1;
+        let mut mask = Vec::with_capacity(rows * columns);
+        for row in &self.rows {
+            mask.extend(
+                std::iter::repeat_n(0, row.padding)
+                    .chain(std::iter::repeat_n(1, columns - row.padding)),
+            );
+        }
+        Feed {
+            rows,
+            ids: self
+                .rows
+                .iter()
+                .map(|row| {
+                    row.generated
+                        .last()
+                        .copied()
+                        .unwrap_or(self.generator.eos_id)
+                })
+                .collect(),
+            positions: self
+                .rows
+                .iter()
+                .map(|row| row.length() as i64 - 1)
+                .collect(),
+            step: 1,
+            mask,
+            columns,
+            past: std::mem::take(&mut self.cache),
+        }
+    }
+
+    /// Chooses the next token of the rows from `first` on and takes it into each row.
+    fn choose_and_accept(
+        &mut self,
+        binding: &mut DecoderBinding,
+        logits: &DynValue,
+        first: usize,
+    ) -> Result<(), BackendError> {
+        let rows = &mut self.rows[first..];
+        let chosen = binding.choose(logits, rows)?;
+        let generator = self.generator;
+        for (row, token) in rows.iter_mut().zip(chosen) {
+            if token == generator.eos_id {
+                row.finished = true;
+                continue;
+            }
+            row.generated.push(token);
+            let stopped = match &mut row.text {
+                Some(text) => text.push(token, &row.params.stop)?,
+                None => false,
+            };
+            row.finished = stopped
+                || row.generated.len() >= row.params.max_new_tokens
+                || row.length() >= generator.context_length;
+        }
+        Ok(())
+    }
+
+    /// Sends each streaming request the text its rows decoded since the last step. A
+    /// request that cannot take more text stops generating (at the next step).
+    fn send_pieces(&mut self) {
+        let mut pieces: HashMap<u64, Vec<String>> = HashMap::new();
+        for row in &mut self.rows {
+            let Some(active) = self.requests.get(&row.request) else {
+                continue;
+            };
+            if !active.stream || active.recipient.is_broken() {
+                continue;
+            }
+            let piece = row
+                .text
+                .as_mut()
+                .map(|text| text.take_ready(&row.params.stop))
+                .unwrap_or_default();
+            pieces
+                .entry(row.request)
+                .or_insert_with(|| vec![String::new(); active.prompts.len()])[row.index] = piece;
+        }
+        for (key, pieces) in pieces {
+            if pieces.iter().all(String::is_empty) {
+                continue;
+            }
+            let Some(active) = self.requests.get(&key) else {
+                continue;
+            };
+            self.outbox.post(Letter {
+                to: Arc::clone(&active.recipient),
+                text: self.generator.text_tensor(&active.text_shape, &pieces),
+                generated_tokens: None,
+            });
+        }
+    }
+
+    /// Rows that ended leave, and the rows from `first` on (with their cache,
+    /// `joining`) join: the cache is merged on the decoder's device, and a request
+    /// whose last row ended is answered.
+    fn settle(
+        &mut self,
+        binding: &mut DecoderBinding,
+        first: usize,
+        joining: Option<(Vec<DynValue>, usize)>,
+    ) -> Result<(), BackendError> {
+        let joins = first < self.rows.len();
+        if !joins && !self.rows.iter().any(|row| row.finished) {
+            return Ok(());
+        }
+        if self.generator.use_cache {
+            let kept = |rows: &[Row<'_>]| -> Vec<(usize, usize)> {
+                rows.iter()
+                    .enumerate()
+                    .filter(|(_, row)| !row.finished)
+                    .map(|(index, row)| (index, row.padding))
+                    .collect()
+            };
+            let staying = kept(&self.rows[..first]);
+            let arriving = kept(&self.rows[first..]);
+            let (joining, joining_width) = match joining {
+                Some(joining) => joining,
+                None => (binding.empty_cache(0)?, 0),
+            };
+            let (plans, width) = plan_merge([self.width, joining_width], [&staying, &arriving]);
+            let staying_cache = match std::mem::take(&mut self.cache) {
+                cache if cache.is_empty() => binding.empty_cache(0)?,
+                cache => cache,
+            };
+            self.cache = binding.merge_caches(staying_cache, joining, &plans)?;
+            self.width = width;
+            let (staying_rows, joining_rows) = self.rows.split_at_mut(first);
+            for (side, rows) in [staying_rows, joining_rows].into_iter().enumerate() {
+                for row in rows.iter_mut().filter(|row| !row.finished) {
+                    row.padding = row.padding - plans[side].trim + plans[side].pad;
+                }
+            }
+        }
+        let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rows)
+            .into_iter()
+            .partition(|row| row.finished);
+        self.rows = running;
+        if self.rows.is_empty() {
+            self.cache.clear();
+            self.width = 0;
+        }
+        for row in ended {
+            self.end_row(row);
+        }
+        Ok(())
+    }
+
+    /// Keeps an ended row's text; answers its request when it was the last.
+    fn end_row(&mut self, row: Row<'_>) {
+        let Some(active) = self.requests.get_mut(&row.request) else {
+            return;
+        };
+        active.running = active.running.saturating_sub(1);
+        active.generated_tokens += row.generated.len();
+        if !active.recipient.is_broken() {
+            let text =
+                self.generator
+                    .final_text(&row, &active.prompts, &active.params, active.stream);
+            match text {
+                Ok(text) => active.texts[row.index] = Some(text),
+                Err(error) => active.recipient.fail(&error),
+            }
+        }
+        if active.running > 0 {
+            return;
+        }
+        let Some(active) = self.requests.remove(&row.request) else {
+            return;
+        };
+        if active.recipient.is_broken() {
+            return;
+        }
+        let texts: Vec<String> = active
+            .texts
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        self.outbox.post(Letter {
+            text: self.generator.text_tensor(&active.text_shape, &texts),
+            to: active.recipient,
+            generated_tokens: Some(active.generated_tokens),
+        });
+    }
+
+    /// Fails the requests whose rows start at `first` (their prefill failed); the rows
+    /// before keep running.
+    fn fail_joining(&mut self, first: usize, error: &BackendError) {
+        for row in self.rows.drain(first..) {
+            if let Some(active) = self.requests.remove(&row.request) {
+                active.recipient.fail(error);
+            }
+        }
+    }
+
+    /// Fails every request (the batch's cache is lost).
+    pub fn fail_all(&mut self, error: &BackendError) {
+        for (_, active) in self.requests.drain() {
+            if !active.recipient.is_broken() {
+                active.recipient.fail(error);
+            }
+        }
+        self.rows.clear();
+        self.cache.clear();
+        self.width = 0;
+    }
+}
+
+/// Runs the decoder on `feed`; returns the logits and the new cache, both left on the
+/// decoder's device.
+fn run_decoder(
+    session: &mut Session,
+    binding: &DecoderBinding,
+    feed: Feed,
+) -> Result<(DynValue, Vec<DynValue>), BackendError> {
+    let mut io = session.create_binding()?;
+    io.bind_input(
+        "input_ids",
+        &Tensor::from_array(([feed.rows, feed.step], feed.ids))?,
+    )?;
+    io.bind_input(
+        "attention_mask",
+        &Tensor::from_array(([feed.rows, feed.columns], feed.mask))?,
+    )?;
+    if binding.has_position_ids {
+        io.bind_input(
+            "position_ids",
+            &Tensor::from_array(([feed.rows, feed.step], feed.positions))?,
+        )?;
+    }
+    for (i, value) in feed.past.iter().enumerate() {
+        let part = if i % 2 == 0 { "key" } else { "value" };
+        io.bind_input(format!("past_key_values.{}.{part}", i / 2), value)?;
+    }
+    io.bind_output_to_device("logits", &binding.device_memory)?;
+    for i in 0..binding.layers {
+        for part in ["key", "value"] {
+            io.bind_output_to_device(format!("present.{i}.{part}"), &binding.device_memory)?;
+        }
+    }
+    let mut outputs = session.run_binding(&io)?;
+    let logits = outputs
+        .remove("logits")
+        .ok_or_else(|| BackendError::internal("the decoder returned no logits"))?;
+    let mut present = Vec::with_capacity(binding.layers * 2);
+    for i in 0..binding.layers {
+        for part in ["key", "value"] {
+            let name = format!("present.{i}.{part}");
+            present.push(outputs.remove(&name).ok_or_else(|| {
+                BackendError::internal(format!("the decoder returned no '{name}'"))
+            })?);
+        }
+    }
+    Ok((logits, present))
+}
+
+/// Runs `pending` to its end on this thread, all admitted at once (the load-time probe,
+/// benchmarks).
+pub fn generate_all(
+    generator: &Generator,
+    session: &mut Session,
+    binding: &mut DecoderBinding,
+    pending: Vec<Pending<GenerationRequest>>,
+) {
+    let mut batch = RunningBatch::new(generator, Outbox::inline());
+    batch.admit(session, binding, pending);
+    while !batch.is_empty() {
+        batch.step(session, binding);
+    }
+}

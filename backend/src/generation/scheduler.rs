@@ -1,0 +1,192 @@
+//! The thread that runs one instance's decoder. `execute` queues requests and returns;
+//! between steps the thread lets queued requests join the running batch as far as the
+//! limits allow, and answers them through their responders.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use ort::session::Session;
+
+use super::batch::RunningBatch;
+use super::decoder::DecoderBinding;
+use super::delivery::Outbox;
+use super::{GenerationRequest, Generator};
+use crate::error::{BackendError, panic_message};
+use crate::responder::Pending;
+
+/// How much one instance runs at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Sequences (prompts) in the running batch.
+    pub max_sequences: usize,
+    /// Cache positions the running batch may hold: sequences × the most tokens the
+    /// longest of them may reach (every row is padded to the longest).
+    pub max_tokens: usize,
+}
+
+impl BatchLimits {
+    /// Whether `rows` more sequences that may reach `reach` tokens fit beside `running`
+    /// sequences that may reach `longest`.
+    pub fn admit(&self, running: usize, longest: usize, rows: usize, reach: usize) -> bool {
+        let sequences = running + rows;
+        sequences <= self.max_sequences
+            && sequences.saturating_mul(longest.max(reach)) <= self.max_tokens
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Pending<GenerationRequest>>,
+    /// Rows of the waiting requests.
+    rows: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'q>(&self, queue: MutexGuard<'q, Queue>) -> MutexGuard<'q, Queue> {
+        self.changed.wait(queue).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One instance's decode thread and its queue; dropping it lets the thread finish
+/// what it holds, then joins it.
+pub struct DecodeLoop {
+    shared: Arc<Shared>,
+    max_sequences: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DecodeLoop {
+    /// Starts the thread named after `instance`, which owns the decoder from now on.
+    pub fn start(
+        instance: &str,
+        generator: Arc<Generator>,
+        mut session: Session,
+        mut binding: DecoderBinding,
+    ) -> Result<Self, BackendError> {
+        let shared = Arc::new(Shared::default());
+        let queue = Arc::clone(&shared);
+        let max_sequences = generator.limits().max_sequences;
+        let outbox = Outbox::threaded(instance)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("decode {instance}"))
+            .spawn(move || run(&generator, &mut session, &mut binding, &queue, outbox))
+            .map_err(|e| BackendError::internal(format!("cannot start the decode thread: {e}")))?;
+        Ok(DecodeLoop {
+            shared,
+            max_sequences,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues requests for the decode thread. While the queue already holds a full
+    /// batch it waits, so further requests stay in Triton's queue, where priorities and
+    /// queue timeouts apply.
+    pub fn submit(&self, batch: Vec<Pending<GenerationRequest>>) {
+        let mut queue = self.shared.lock();
+        for pending in batch {
+            let rows = pending.request.rows();
+            while queue.rows > 0 && queue.rows + rows > self.max_sequences && !queue.closed {
+                queue = self.shared.wait(queue);
+            }
+            queue.rows += rows;
+            queue.waiting.push_back(pending);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+impl Drop for DecodeLoop {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _finished = thread.join();
+        }
+    }
+}
+
+/// The decode thread: admits what fits, steps the batch, until closed and empty.
+fn run(
+    generator: &Generator,
+    session: &mut Session,
+    binding: &mut DecoderBinding,
+    shared: &Shared,
+    outbox: Outbox,
+) {
+    let limits = generator.limits();
+    let mut batch = RunningBatch::new(generator, outbox);
+    loop {
+        let admitted = {
+            let mut queue = shared.lock();
+            while batch.is_empty() && queue.waiting.is_empty() && !queue.closed {
+                queue = shared.wait(queue);
+            }
+            if batch.is_empty() && queue.waiting.is_empty() {
+                return;
+            }
+            let (mut rows, mut longest) = (batch.rows(), batch.longest_reach());
+            let mut admitted = Vec::new();
+            // First come, first served: a request that does not fit yet holds the
+            // ones behind it (no starvation).
+            while let Some(next) = queue.waiting.front() {
+                let (more, reach) = (next.request.rows(), generator.request_reach(&next.request));
+                if rows > 0 && !limits.admit(rows, longest, more, reach) {
+                    break;
+                }
+                rows += more;
+                longest = longest.max(reach);
+                queue.rows -= more;
+                admitted.extend(queue.waiting.pop_front());
+            }
+            if !admitted.is_empty() {
+                shared.changed.notify_all();
+            }
+            admitted
+        };
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            batch.admit(session, binding, admitted);
+            batch.step(session, binding);
+        }));
+        if let Err(panic) = stepped {
+            batch.fail_all(&BackendError::internal(format!(
+                "panic while generating: {}",
+                panic_message(&*panic)
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_bound_sequences_and_the_padded_cache() {
+        let limits = BatchLimits {
+            max_sequences: 4,
+            max_tokens: 400,
+        };
+        assert!(limits.admit(0, 0, 4, 100));
+        assert!(!limits.admit(0, 0, 5, 10), "five sequences");
+        assert!(limits.admit(2, 100, 2, 50));
+        // Four rows padded to the longest newcomer's 120 tokens: 480 positions.
+        assert!(!limits.admit(2, 50, 2, 120));
+        assert!(
+            !limits.admit(1, 500, 1, 10),
+            "the running row alone is past it"
+        );
+    }
+}
