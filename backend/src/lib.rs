@@ -19,6 +19,7 @@ pub mod memory;
 pub mod model;
 pub mod onnx;
 pub mod postprocess;
+pub mod request_batcher;
 pub mod responder;
 pub mod settings;
 pub mod shared_weights;
@@ -28,6 +29,7 @@ pub mod tokenize;
 pub mod triton;
 pub mod types;
 pub mod warmup;
+pub mod work_queue;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;

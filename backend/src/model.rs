@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{BackendError, panic_message};
 use crate::heap::{self, MmapThreshold};
 use crate::onnx::{Device, OnnxRuntimeLibrary};
+use crate::request_batcher::RequestBatcher;
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
 use crate::settings;
 use crate::tasks::{self, InstanceContext, ModelContext, Pending, RequestData, Task, TaskVisitor};
@@ -229,8 +230,20 @@ impl<T: Task> LoadedModel for TaskModel<T> {
     }
 
     fn instance(&self, context: &InstanceContext) -> Result<Box<dyn LoadedInstance>, BackendError> {
+        let state = self.task.instance(context)?;
+        let memory = self.task.instance_memory_usage(&state)?;
+        let runner = match self.task.batch_across_executions() {
+            Some(rows) => Runner::Batcher(RequestBatcher::start(
+                &context.name,
+                Arc::clone(&self.task),
+                state,
+                rows,
+            )?),
+            None => Runner::InExecute(state),
+        };
         Ok(Box::new(TaskInstance {
-            state: self.task.instance(context)?,
+            runner,
+            memory,
             task: Arc::clone(&self.task),
             max_batch_size: self.max_batch_size,
             in_flight: InFlight::default(),
@@ -324,9 +337,19 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Where an instance's batches run.
+enum Runner<T: Task> {
+    /// In `execute`, on Triton's thread.
+    InExecute(T::Instance),
+    /// On the instance's own thread, batched across executions.
+    Batcher(RequestBatcher<T>),
+}
+
 struct TaskInstance<T: Task> {
     task: Arc<T>,
-    state: T::Instance,
+    runner: Runner<T>,
+    /// The instance's memory, counted when it was built.
+    memory: Vec<MemoryUsage>,
     max_batch_size: i64,
     in_flight: InFlight,
 }
@@ -348,7 +371,7 @@ fn read_request(request: &Request) -> Result<RequestData<'_>, Error> {
 
 impl<T: Task> LoadedInstance for TaskInstance<T> {
     fn memory_usage(&self) -> Result<Vec<MemoryUsage>, BackendError> {
-        self.task.instance_memory_usage(&self.state)
+        Ok(self.memory.clone())
     }
 
     fn execute(&mut self, instance: InstanceHandle<'_>, requests: Vec<Request>) {
@@ -404,17 +427,21 @@ impl<T: Task> LoadedInstance for TaskInstance<T> {
                 })
             })
             .collect();
-        if !batch.is_empty() {
-            let task = &self.task;
-            let state = &mut self.state;
-            // A panic drops the batch's responders, which answer with an internal error.
-            let ran = catch_unwind(AssertUnwindSafe(|| task.execute(state, batch)));
-            if let Err(panic) = ran {
-                log_error!(
-                    "triton-rust: panic while running the model: {}",
-                    panic_message(&*panic)
-                );
+        match &mut self.runner {
+            _ if batch.is_empty() => {}
+            Runner::InExecute(state) => {
+                let task = &self.task;
+                // A panic drops the batch's responders, which answer with an internal
+                // error.
+                let ran = catch_unwind(AssertUnwindSafe(|| task.execute(state, batch)));
+                if let Err(panic) = ran {
+                    log_error!(
+                        "triton-rust: panic while running the model: {}",
+                        panic_message(&*panic)
+                    );
+                }
             }
+            Runner::Batcher(batcher) => batcher.submit(batch),
         }
         let times = ExecutionTimes {
             exec_start_ns,

@@ -2,9 +2,8 @@
 //! between steps the thread lets queued requests join the running batch as far as the
 //! limits allow, and answers them through their responders.
 
-use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ort::session::Session;
@@ -15,6 +14,7 @@ use super::delivery::Outbox;
 use super::{GenerationRequest, Generator};
 use crate::error::{BackendError, panic_message};
 use crate::responder::Pending;
+use crate::work_queue::WorkQueue;
 
 /// How much one instance runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,35 +36,10 @@ impl BatchLimits {
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<Pending<GenerationRequest>>,
-    /// Rows of the waiting requests.
-    rows: usize,
-    closed: bool,
-}
-
-#[derive(Default)]
-struct Shared {
-    queue: Mutex<Queue>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wait<'q>(&self, queue: MutexGuard<'q, Queue>) -> MutexGuard<'q, Queue> {
-        self.changed.wait(queue).unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// One instance's decode thread and its queue; dropping it lets the thread finish
 /// what it holds, then joins it.
 pub struct DecodeLoop {
-    shared: Arc<Shared>,
-    max_sequences: usize,
+    queue: Arc<WorkQueue<Pending<GenerationRequest>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -76,42 +51,32 @@ impl DecodeLoop {
         mut session: Session,
         mut binding: DecoderBinding,
     ) -> Result<Self, BackendError> {
-        let shared = Arc::new(Shared::default());
-        let queue = Arc::clone(&shared);
-        let max_sequences = generator.limits().max_sequences;
+        // About one full batch waits here; the rest in Triton's queue.
+        let queue = Arc::new(WorkQueue::new(generator.limits().max_sequences));
+        let waiting = Arc::clone(&queue);
         let outbox = Outbox::threaded(instance)?;
         let thread = std::thread::Builder::new()
             .name(format!("decode {instance}"))
-            .spawn(move || run(&generator, &mut session, &mut binding, &queue, outbox))
+            .spawn(move || run(&generator, &mut session, &mut binding, &waiting, outbox))
             .map_err(|e| BackendError::internal(format!("cannot start the decode thread: {e}")))?;
         Ok(DecodeLoop {
-            shared,
-            max_sequences,
+            queue,
             thread: Some(thread),
         })
     }
 
-    /// Queues requests for the decode thread. While the queue already holds a full
-    /// batch it waits, so further requests stay in Triton's queue, where priorities and
-    /// queue timeouts apply.
+    /// Queues requests for the decode thread (waits while a full batch is queued).
     pub fn submit(&self, batch: Vec<Pending<GenerationRequest>>) {
-        let mut queue = self.shared.lock();
         for pending in batch {
             let rows = pending.request.rows();
-            while queue.rows > 0 && queue.rows + rows > self.max_sequences && !queue.closed {
-                queue = self.shared.wait(queue);
-            }
-            queue.rows += rows;
-            queue.waiting.push_back(pending);
-            self.shared.changed.notify_all();
+            self.queue.submit(pending, rows);
         }
     }
 }
 
 impl Drop for DecodeLoop {
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.changed.notify_all();
+        self.queue.close();
         if let Some(thread) = self.thread.take() {
             let _finished = thread.join();
         }
@@ -123,38 +88,26 @@ fn run(
     generator: &Generator,
     session: &mut Session,
     binding: &mut DecoderBinding,
-    shared: &Shared,
+    queue: &WorkQueue<Pending<GenerationRequest>>,
     outbox: Outbox,
 ) {
     let limits = generator.limits();
     let mut batch = RunningBatch::new(generator, outbox);
     loop {
-        let admitted = {
-            let mut queue = shared.lock();
-            while batch.is_empty() && queue.waiting.is_empty() && !queue.closed {
-                queue = shared.wait(queue);
-            }
-            if batch.is_empty() && queue.waiting.is_empty() {
-                return;
-            }
-            let (mut rows, mut longest) = (batch.rows(), batch.longest_reach());
-            let mut admitted = Vec::new();
-            // First come, first served: a request that does not fit yet holds the
-            // ones behind it (no starvation).
-            while let Some(next) = queue.waiting.front() {
-                let (more, reach) = (next.request.rows(), generator.request_reach(&next.request));
-                if rows > 0 && !limits.admit(rows, longest, more, reach) {
-                    break;
-                }
+        let (mut rows, mut longest) = (batch.rows(), batch.longest_reach());
+        // First come, first served: a request that does not fit yet holds the ones
+        // behind it (no starvation).
+        let admitted = queue.take(!batch.is_empty(), |pending, more| {
+            let reach = generator.request_reach(&pending.request);
+            let fits = rows == 0 || limits.admit(rows, longest, more, reach);
+            if fits {
                 rows += more;
                 longest = longest.max(reach);
-                queue.rows -= more;
-                admitted.extend(queue.waiting.pop_front());
             }
-            if !admitted.is_empty() {
-                shared.changed.notify_all();
-            }
-            admitted
+            fits
+        });
+        let Some(admitted) = admitted else {
+            return;
         };
         let stepped = catch_unwind(AssertUnwindSafe(|| {
             batch.admit(session, binding, admitted);

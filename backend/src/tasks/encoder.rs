@@ -36,7 +36,7 @@ fn default_max_texts() -> usize {
     DEFAULT_MAX_TEXTS
 }
 
-fn default_group_by_length() -> bool {
+fn enabled() -> bool {
     true
 }
 
@@ -54,8 +54,12 @@ pub struct BatchSettings {
     pub max_texts_per_request: usize,
     /// Rows of very different lengths run as separate batches (`false`: one batch
     /// padded to the longest row, which a GPU may prefer).
-    #[serde(default = "default_group_by_length", deserialize_with = "flag")]
+    #[serde(default = "enabled", deserialize_with = "flag")]
     pub group_by_length: bool,
+    /// With `max_batch_size: 0` (Triton does not batch): the requests that queue while
+    /// an execution runs go into the next one together (`false`: one at a time).
+    #[serde(default = "enabled", deserialize_with = "flag")]
+    pub batch_requests: bool,
 }
 
 impl SettingsGroup for BatchSettings {}
@@ -111,6 +115,7 @@ pub struct Encoder {
     max_text_bytes: usize,
     max_texts: usize,
     group_by_length: bool,
+    batch_requests: bool,
     /// Tokens and padding fed to ONNX Runtime (`None` where Triton's metrics are off).
     metrics: Option<EncoderMetrics>,
     /// The configuration's outputs and their dims, checked against the model.
@@ -138,6 +143,7 @@ impl Encoder {
             max_text_bytes: text.max_text_bytes,
             max_texts: batch.max_texts_per_request,
             group_by_length: batch.group_by_length,
+            batch_requests: batch.batch_requests,
             metrics: EncoderMetrics::new(model.name, model.version)
                 .inspect_err(|error| {
                     crate::log_warn!("triton-rust: no encoder token metrics: {error}");
@@ -432,6 +438,12 @@ impl Encoder {
     }
 
     /// The model version's memory: its tokenizer.
+    /// Rows per batch of requests from several executions ([`super::Task::batch_across_executions`]):
+    /// a request's worth of texts, where Triton does not batch and `batch_requests` is on.
+    pub fn batch_across_executions(&self) -> Option<usize> {
+        (self.batch_requests && !self.drops_text_unit_dim).then_some(self.max_texts)
+    }
+
     pub fn memory_usage(&self) -> Vec<MemoryUsage> {
         let mut usage = vec![memory::tokenizer_usage(self.text.tokenizer())];
         usage.extend(self.model.memory_usage());

@@ -139,6 +139,10 @@ impl Task for FeatureExtraction {
         );
     }
 
+    fn batch_across_executions(&self) -> Option<usize> {
+        self.encoder.batch_across_executions()
+    }
+
     fn memory_usage(&self) -> Vec<MemoryUsage> {
         self.encoder.memory_usage()
     }

@@ -43,6 +43,14 @@ pub trait Task: Sized + Send + Sync + 'static {
     /// Runs one batch and answers each request through its responder.
     fn execute(&self, instance: &mut Self::Instance, batch: Vec<Pending<Self::Request>>);
 
+    /// For models Triton does not batch (`max_batch_size: 0`): `Some(rows)` has
+    /// `execute` queue requests for a worker thread of the instance, which runs all the
+    /// requests that queued while it was busy as one batch of at most `rows` rows (a
+    /// request alone may have more). `None`: each execution runs on Triton's thread.
+    fn batch_across_executions(&self) -> Option<usize> {
+        None
+    }
+
     /// The memory the model version holds for all its instances.
     fn memory_usage(&self) -> Vec<MemoryUsage>;
 
