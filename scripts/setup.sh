@@ -68,7 +68,7 @@ chmod +x "$TRITONSERVER"
 fetch_wheel "onnxruntime==$ONNXRUNTIME_VERSION" "$DEPS/onnxruntime" "onnxruntime/capi/libonnxruntime.so.$ONNXRUNTIME_VERSION"
 
 say "building libtriton_rust.so (release)"
-cargo build --release --locked -p triton-rust-backend
+cargo build --release --locked -p triton-rust-backend --lib
 mkdir -p "$BACKEND_DIR/rust"
 # `install` replaces a changed file by a new one instead of writing into it, so a
 # server that has the old library loaded keeps running.
