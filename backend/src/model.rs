@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{BackendError, panic_message};
 use crate::heap::{self, MmapThreshold};
 use crate::onnx::{Device, OnnxRuntimeLibrary};
-use crate::request_batcher::RequestBatcher;
+use crate::request_batcher::{RequestBatcher, execute_guarded};
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
 use crate::settings;
 use crate::tasks::{self, InstanceContext, ModelContext, Pending, RequestData, Task, TaskVisitor};
@@ -429,18 +429,7 @@ impl<T: Task> LoadedInstance for TaskInstance<T> {
             .collect();
         match &mut self.runner {
             _ if batch.is_empty() => {}
-            Runner::InExecute(state) => {
-                let task = &self.task;
-                // A panic drops the batch's responders, which answer with an internal
-                // error.
-                let ran = catch_unwind(AssertUnwindSafe(|| task.execute(state, batch)));
-                if let Err(panic) = ran {
-                    log_error!(
-                        "triton-rust: panic while running the model: {}",
-                        panic_message(&*panic)
-                    );
-                }
-            }
+            Runner::InExecute(state) => execute_guarded(&*self.task, state, batch),
             Runner::Batcher(batcher) => batcher.submit(batch),
         }
         let times = ExecutionTimes {

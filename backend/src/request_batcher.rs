@@ -5,19 +5,17 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crate::error::{BackendError, panic_message};
 use crate::log_error;
 use crate::responder::Pending;
 use crate::tasks::Task;
-use crate::work_queue::WorkQueue;
+use crate::work_queue::QueueWorker;
 
 /// An instance's thread and its queue; dropping it lets the thread finish what is
 /// queued, then joins it.
 pub struct RequestBatcher<T: Task> {
-    queue: Arc<WorkQueue<Pending<T::Request>>>,
-    thread: Option<JoinHandle<()>>,
+    worker: QueueWorker<Pending<T::Request>>,
 }
 
 impl<T: Task> RequestBatcher<T> {
@@ -30,53 +28,44 @@ impl<T: Task> RequestBatcher<T> {
         rows: usize,
     ) -> Result<Self, BackendError> {
         // About one full batch waits here; the rest in Triton's queue.
-        let queue = Arc::new(WorkQueue::new(rows));
-        let waiting = Arc::clone(&queue);
-        let thread = std::thread::Builder::new()
-            .name(format!("batch {instance}"))
-            .spawn(move || {
-                loop {
-                    let mut taken = 0;
-                    let batch = waiting.take(false, |_, more| {
-                        let fits = taken == 0 || taken + more <= rows;
-                        taken += more;
-                        fits
-                    });
-                    let Some(batch) = batch else {
-                        return;
-                    };
-                    // A panic drops the batch's responders, which answer with an
-                    // internal error.
-                    let ran = catch_unwind(AssertUnwindSafe(|| task.execute(&mut state, batch)));
-                    if let Err(panic) = ran {
-                        log_error!(
-                            "triton-rust: panic while running the model: {}",
-                            panic_message(&*panic)
-                        );
-                    }
-                }
-            })
-            .map_err(|e| BackendError::internal(format!("cannot start the batch thread: {e}")))?;
-        Ok(RequestBatcher {
-            queue,
-            thread: Some(thread),
-        })
+        let worker = QueueWorker::start(format!("batch {instance}"), rows, move |queue| {
+            loop {
+                let mut taken = 0;
+                let batch = queue.take(false, |_, more| {
+                    let fits = taken == 0 || taken + more <= rows;
+                    taken += more;
+                    fits
+                });
+                let Some(batch) = batch else {
+                    return;
+                };
+                execute_guarded(&*task, &mut state, batch);
+            }
+        })?;
+        Ok(RequestBatcher { worker })
     }
 
     /// Queues a batch's requests (waits while a full batch is queued).
     pub fn submit(&self, batch: Vec<Pending<T::Request>>) {
         for pending in batch {
             let rows = T::rows(&pending.request);
-            self.queue.submit(pending, rows);
+            self.worker.submit(pending, rows);
         }
     }
 }
 
-impl<T: Task> Drop for RequestBatcher<T> {
-    fn drop(&mut self) {
-        self.queue.close();
-        if let Some(thread) = self.thread.take() {
-            let _finished = thread.join();
-        }
+/// Runs one batch, a panic logged: it drops the batch's responders, which answer with
+/// an internal error.
+pub fn execute_guarded<T: Task>(
+    task: &T,
+    state: &mut T::Instance,
+    batch: Vec<Pending<T::Request>>,
+) {
+    let ran = catch_unwind(AssertUnwindSafe(|| task.execute(state, batch)));
+    if let Err(panic) = ran {
+        log_error!(
+            "triton-rust: panic while running the model: {}",
+            panic_message(&*panic)
+        );
     }
 }

@@ -5,7 +5,10 @@
 //! queue limits apply.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::error::BackendError;
 
 struct Waiting<R> {
     /// Each item with its rows.
@@ -88,6 +91,47 @@ impl<R> WorkQueue<R> {
     pub fn close(&self) {
         self.lock().closed = true;
         self.changed.notify_all();
+    }
+}
+
+/// A thread that takes its work from a [`WorkQueue`] of its own. Dropping it closes the
+/// queue, lets the thread finish what is queued, then joins it.
+pub struct QueueWorker<R> {
+    queue: Arc<WorkQueue<R>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<R: Send + 'static> QueueWorker<R> {
+    /// Starts thread `name` running `work` on a queue of `capacity` rows.
+    pub fn start(
+        name: String,
+        capacity: usize,
+        work: impl FnOnce(&WorkQueue<R>) + Send + 'static,
+    ) -> Result<Self, BackendError> {
+        let queue = Arc::new(WorkQueue::new(capacity));
+        let waiting = Arc::clone(&queue);
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || work(&waiting))
+            .map_err(|e| BackendError::internal(format!("cannot start thread '{name}': {e}")))?;
+        Ok(QueueWorker {
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `item` of `rows` rows (see [`WorkQueue::submit`]).
+    pub fn submit(&self, item: R, rows: usize) {
+        self.queue.submit(item, rows);
+    }
+}
+
+impl<R> Drop for QueueWorker<R> {
+    fn drop(&mut self) {
+        self.queue.close();
+        if let Some(thread) = self.thread.take() {
+            let _finished = thread.join();
+        }
     }
 }
 

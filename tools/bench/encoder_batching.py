@@ -13,7 +13,6 @@ Run through scripts/bench-encoder-batching.sh. Prints Markdown tables for BENCHM
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import types
 from pathlib import Path
 
 import real_size
-from perf import perf_analyzer, stability_note, tritonserver
+from perf import model_copy, perf_analyzer, stability_note, tritonserver
 
 MODEL = "classifier-base"
 SERIAL = MODEL + "-serial"
@@ -32,17 +31,11 @@ CONCURRENCY = (1, 8)
 def repository(workdir: Path) -> Path:
     dims = types.SimpleNamespace(layers=12, hidden=768, heads=12, ffn=3072, vocab=30522, positions=512)
     built = real_size.write_model(workdir / "built", MODEL, "sentiment-classifier", dims)
-    root = workdir / "repository"
-    shutil.copytree(built, root / MODEL)
-    (root / SERIAL / "1").mkdir(parents=True)
-    for item in (built / "1").iterdir():
-        (root / SERIAL / "1" / item.name).symlink_to(item.resolve())
-    shutil.copytree(built / "warmup", root / SERIAL / "warmup")
     config = (built / "config.pbtxt").read_text()
     assert f'name: "{MODEL}"' in config and "max_batch_size: 0" in config, "the rendered config changed"
-    config = config.replace(f'name: "{MODEL}"', f'name: "{SERIAL}"')
-    config += 'parameters: { key: "batch_requests", value: { string_value: "false" } }\n'
-    (root / SERIAL / "config.pbtxt").write_text(config)
+    root = workdir / "repository"
+    model_copy(built, root, MODEL)
+    model_copy(built, root, SERIAL, {"batch_requests": "false"})
     return root
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import real_size
-from perf import REPO_ROOT, perf_analyzer, stability_note, tritonserver
+from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, tritonserver
 
 SERIAL = "-serial"
 PROMPT = "Once upon a time"
@@ -55,21 +54,9 @@ GPT2_DIMS = type("Dims", (), dict(layers=12, hidden=768, heads=12, gpt2_vocab=50
 def add_model(root: Path, name: str, source: Path) -> None:
     """Version 1 of the model at `source` as `name`, and a copy that runs one sequence
     at a time."""
-    config = (source / "config.pbtxt").read_text()
-    source_name = next(line for line in config.splitlines() if line.startswith("name:"))
-    config = config.replace("version_policy: { all { } }",
-                            "version_policy: { specific { versions: [1] } }")
-    config = config.replace(source_name, f'name: "{name}"')
-    serial = config.replace(f'name: "{name}"', f'name: "{name}{SERIAL}"')
-    for key in ("max_sequences_in_flight", "max_prompts_per_request"):
-        serial += f'parameters: {{ key: "{key}", value: {{ string_value: "1" }} }}\n'
-    for copy, text in ((name, config), (name + SERIAL, serial)):
-        (root / copy / "1").mkdir(parents=True)
-        for item in (source / "1").iterdir():
-            # Links, not copies: the real-size model is large.
-            (root / copy / "1" / item.name).symlink_to(item.resolve())
-        shutil.copytree(source / "warmup", root / copy / "warmup")
-        (root / copy / "config.pbtxt").write_text(text)
+    model_copy(source, root, name)
+    model_copy(source, root, name + SERIAL,
+               {"max_sequences_in_flight": "1", "max_prompts_per_request": "1"})
 
 
 def repository(workdir: Path, cases: list[Case]) -> Path:

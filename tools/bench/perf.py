@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,24 @@ def tritonserver(repository: Path, workdir: Path, args=(), backend_dir=None):
     finally:
         stop_server(server, timeout=30)
         log.close()
+
+
+def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] | None = None) -> None:
+    """Model directory `source` as model `name` under `root`: version 1 only (its files
+    linked, not copied: the real-size models are large), its warm-up data, and its config
+    with `parameters` added."""
+    config = (source / "config.pbtxt").read_text()
+    source_name = next(line for line in config.splitlines() if line.startswith("name:"))
+    config = config.replace(source_name, f'name: "{name}"')
+    config = config.replace("version_policy: { all { } }",
+                            "version_policy: { specific { versions: [1] } }")
+    for key, value in (parameters or {}).items():
+        config += f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
+    (root / name / "1").mkdir(parents=True)
+    for item in (source / "1").iterdir():
+        (root / name / "1" / item.name).symlink_to(item.resolve())
+    shutil.copytree(source / "warmup", root / name / "warmup")
+    (root / name / "config.pbtxt").write_text(config)
 
 
 def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir: Path,

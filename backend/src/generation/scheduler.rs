@@ -4,7 +4,6 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use ort::session::Session;
 
@@ -14,7 +13,7 @@ use super::delivery::Outbox;
 use super::{GenerationRequest, Generator};
 use crate::error::{BackendError, panic_message};
 use crate::responder::Pending;
-use crate::work_queue::WorkQueue;
+use crate::work_queue::{QueueWorker, WorkQueue};
 
 /// How much one instance runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +38,7 @@ impl BatchLimits {
 /// One instance's decode thread and its queue; dropping it lets the thread finish
 /// what it holds, then joins it.
 pub struct DecodeLoop {
-    queue: Arc<WorkQueue<Pending<GenerationRequest>>>,
-    thread: Option<JoinHandle<()>>,
+    worker: QueueWorker<Pending<GenerationRequest>>,
 }
 
 impl DecodeLoop {
@@ -51,34 +49,20 @@ impl DecodeLoop {
         mut session: Session,
         mut binding: DecoderBinding,
     ) -> Result<Self, BackendError> {
-        // About one full batch waits here; the rest in Triton's queue.
-        let queue = Arc::new(WorkQueue::new(generator.limits().max_sequences));
-        let waiting = Arc::clone(&queue);
         let outbox = Outbox::threaded(instance)?;
-        let thread = std::thread::Builder::new()
-            .name(format!("decode {instance}"))
-            .spawn(move || run(&generator, &mut session, &mut binding, &waiting, outbox))
-            .map_err(|e| BackendError::internal(format!("cannot start the decode thread: {e}")))?;
-        Ok(DecodeLoop {
-            queue,
-            thread: Some(thread),
-        })
+        // About one full batch waits here; the rest in Triton's queue.
+        let capacity = generator.limits().max_sequences;
+        let worker = QueueWorker::start(format!("decode {instance}"), capacity, move |queue| {
+            run(&generator, &mut session, &mut binding, queue, outbox)
+        })?;
+        Ok(DecodeLoop { worker })
     }
 
     /// Queues requests for the decode thread (waits while a full batch is queued).
     pub fn submit(&self, batch: Vec<Pending<GenerationRequest>>) {
         for pending in batch {
             let rows = pending.request.rows();
-            self.queue.submit(pending, rows);
-        }
-    }
-}
-
-impl Drop for DecodeLoop {
-    fn drop(&mut self) {
-        self.queue.close();
-        if let Some(thread) = self.thread.take() {
-            let _finished = thread.join();
+            self.worker.submit(pending, rows);
         }
     }
 }
