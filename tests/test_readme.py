@@ -173,8 +173,9 @@ def test_config_override_example(readme_server):
     config = readme_server.get(f"/v2/models/{model}/config").json()
     assert config["instance_group"][0]["count"] == 2, config["instance_group"]
     assert "model_warmup" not in config or not config["model_warmup"], config["model_warmup"]
-    # Only the highest version: the override has no version_policy.
-    entries = repository_index(readme_server)[model]
+    # Only the highest version: the override has no version_policy. Triton unloads the
+    # other version in the background after the load returns: wait for it to settle.
+    entries = wait_for_state(readme_server, model, {"READY", "UNAVAILABLE"})
     assert [(e["version"], e["state"]) for e in entries] == [
         ("1", "UNAVAILABLE"),
         ("2", "READY"),
