@@ -234,6 +234,20 @@ def int64_input(name: str, rows) -> dict:
     return {"name": name, "datatype": "INT64", "shape": shape, "data": [v for r in rows for v in r]}
 
 
+def metric_sum(triton, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` on the server's metrics port whose labels
+    include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(triton.metrics_url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def infer(server, model: str, inputs, outputs=None) -> requests.Response:
     """POST /v2/models/<model>/infer with a JSON body (all outputs unless named)."""
     body = {"inputs": list(inputs)}

@@ -54,7 +54,7 @@ WARM = "classifier-with-warmup"
 PLAIN_TEXT = "warmup-file-in-plain-text"
 EMPTY_TEXT = "warmup-file-with-empty-text"
 ZERO_DATA = "warmup-zero-data"
-TWO_INSTANCES = "classifier-two-instances"
+ONE_INSTANCE = "classifier-one-instance"
 # Rust's size_of::<String>() + size_of::<u32>() on 64-bit targets (memory.rs).
 VOCAB_ENTRY_OVERHEAD = 24 + 4
 
@@ -80,6 +80,12 @@ def warmup_samples(config: str) -> list[tuple[int, str]]:
             r'data_type: TYPE_STRING, dims: \[ (\d+) \], input_data_file: "([^"]+)"', block
         )
     ]
+
+
+def instance_count(model_dir: Path) -> int:
+    """The instances the model directory's config asks for."""
+    (count,) = re.findall(r"count: (\d+), kind: KIND_CPU", (model_dir / "config.pbtxt").read_text())
+    return int(count)
 
 
 def copy_model(repository: Path, name: str, base: str, config_edit=lambda c: c) -> Path:
@@ -114,9 +120,9 @@ def lifecycle_server(tmp_path_factory):
     )
     copy_model(
         repository,
-        TWO_INSTANCES,
+        ONE_INSTANCE,
         CLASSIFIER,
-        lambda c: c.replace("{ count: 1, kind: KIND_CPU }", "{ count: 2, kind: KIND_CPU }"),
+        lambda c: c.replace("{ count: 2, kind: KIND_CPU }", "{ count: 1, kind: KIND_CPU }"),
     )
     args = ["--model-control-mode=explicit", "--strict-readiness=false"]
     with running_server(repository, root / "tritonserver.log", args) as triton:
@@ -152,12 +158,14 @@ def test_shipped_warmup_files_are_serialized_bytes_tensors(model):
 def test_warmup_runs_through_the_backend_before_the_first_request(lifecycle_server, model):
     load(lifecycle_server, model)
     # No client request yet: what the statistics count is the warm-up, executed and
-    # reported (with its compute times) by the backend, for every version's instance.
+    # reported (with its compute times) by the backend, once for each instance of every
+    # version.
+    instances = instance_count(MODEL_REPOSITORY / model)
     for version in VERSIONS_OF[model]:
         stats = version_stats(lifecycle_server, model)[version]
         inference = stats["inference_stats"]
-        assert (stats["execution_count"], stats["inference_count"]) == (1, 1), stats
-        assert inference["success"]["count"] == 1 and inference["fail"]["count"] == 0, stats
+        assert (stats["execution_count"], stats["inference_count"]) == (instances, instances), stats
+        assert inference["success"]["count"] == instances and inference["fail"]["count"] == 0, stats
         assert inference["compute_infer"]["ns"] > 0, stats
         assert stats["batch_stats"][0]["batch_size"] == 1, stats
 
@@ -256,9 +264,10 @@ def shared_weights(model_onnx: Path) -> int:
     )
 
 
-def expected_usage(model_dir: Path, version: str, instances: int = 1) -> list[dict]:
-    """One instance reports the whole file; with more, the shared weights are counted
-    once, for the model, and each instance reports the rest."""
+def expected_usage(model_dir: Path, version: str) -> list[dict]:
+    """One instance reports the whole file; with more (the config's count), the shared
+    weights are counted once, for the model, and each instance reports the rest."""
+    instances = instance_count(model_dir)
     weights = (model_dir / version / "model.onnx").stat().st_size
     shared = shared_weights(model_dir / version / "model.onnx") if instances > 1 else 0
     vocabulary = vocabulary_estimate(model_dir / version / "tokenizer.json")
@@ -268,7 +277,8 @@ def expected_usage(model_dir: Path, version: str, instances: int = 1) -> list[di
 
 @pytest.mark.parametrize("model", SHIPPED)
 def test_memory_usage_is_reported(lifecycle_server, model):
-    """Each version reports its instance's weights plus its tokenizer, on the CPU."""
+    """Each version reports its instances' weights plus its tokenizer, on the CPU: the
+    encoders have two instances, which share the weights."""
     if lifecycle_server.get(f"/v2/models/{model}/ready").status_code != 200:
         load(lifecycle_server, model)
     stats = version_stats(lifecycle_server, model)
@@ -278,17 +288,15 @@ def test_memory_usage_is_reported(lifecycle_server, model):
         ), stats[version]
 
 
-def test_memory_usage_counts_every_instance(lifecycle_server):
-    """Two instances hold two sessions on one copy of the weights and share one
-    tokenizer."""
-    load(lifecycle_server, TWO_INSTANCES)
-    model_dir = lifecycle_server.repository / TWO_INSTANCES
-    stats = version_stats(lifecycle_server, TWO_INSTANCES)
+def test_memory_usage_of_one_instance(lifecycle_server):
+    """One instance holds the weights in its own session (nothing shared), and reports
+    them with the tokenizer."""
+    load(lifecycle_server, ONE_INSTANCE)
+    model_dir = lifecycle_server.repository / ONE_INSTANCE
+    stats = version_stats(lifecycle_server, ONE_INSTANCE)
     for version in VERSIONS:
-        assert stats[version]["memory_usage"] == expected_usage(
-            model_dir, version, instances=2
-        ), stats[version]
+        assert stats[version]["memory_usage"] == expected_usage(model_dir, version), stats[version]
     # Unloading releases it: the model has no statistics any more.
-    response = lifecycle_server.post(f"/v2/repository/models/{TWO_INSTANCES}/unload")
+    response = lifecycle_server.post(f"/v2/repository/models/{ONE_INSTANCE}/unload")
     assert response.status_code == 200, error_message(response)
-    assert lifecycle_server.get(f"/v2/models/{TWO_INSTANCES}/stats").status_code != 200
+    assert lifecycle_server.get(f"/v2/models/{ONE_INSTANCE}/stats").status_code != 200

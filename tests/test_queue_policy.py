@@ -11,10 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import error_message, text_input
+from conftest import error_message, metric_sum, text_input
 
 CLASSIFIER = "sentiment-classifier"
 QUEUED_MODELS = ["sentiment-classifier", "bert-base", "gpt2-small", "gpt2-small-stream"]
@@ -37,13 +35,7 @@ def test_shipped_models_queue_with_priorities_and_limits(server):
 
 def pending(triton, model: str) -> float:
     """Requests waiting in the model's queue (Triton's own gauge)."""
-    text = requests.get(triton.metrics_url, timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "nv_inference_pending_request_count" and sample.labels["model"] == model
-    )
+    return metric_sum(triton, "nv_inference_pending_request_count", model=model)
 
 
 class Overload:
@@ -91,13 +83,14 @@ def answered_before(triton, overload: Overload, body) -> int:
 
 @pytest.fixture
 def classifier_server(repository_copy, start_server):
-    """Factory: a server with the shipped classifier, its config text changed by
-    `replacements`."""
+    """Factory: a server with the shipped classifier on one instance (so that the heavy
+    requests queue behind each other), its config text changed by `replacements`."""
 
     def start(**replacements: str):
         repository = repository_copy(CLASSIFIER)
         config = repository / CLASSIFIER / "config.pbtxt"
         text = config.read_text()
+        replacements = {"{ count: 2, kind: KIND_CPU }": "{ count: 1, kind: KIND_CPU }", **replacements}
         for old, new in replacements.items():
             assert old in text, f"config.pbtxt changed: {old!r} not found"
             text = text.replace(old, new)

@@ -171,7 +171,7 @@ def test_config_override_example(readme_server):
     run_block(readme_server, block)
     model = "sentiment-classifier"
     config = readme_server.get(f"/v2/models/{model}/config").json()
-    assert config["instance_group"][0]["count"] == 2, config["instance_group"]
+    assert config["instance_group"][0]["count"] == 1, config["instance_group"]
     assert "model_warmup" not in config or not config["model_warmup"], config["model_warmup"]
     # Only the highest version: the override has no version_policy. Triton unloads the
     # other version in the background after the load returns: wait for it to settle.

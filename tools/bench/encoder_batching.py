@@ -1,10 +1,10 @@
 """Batching across executions for an encoder of real size: the random-weight
 RoBERTa-base-size classifier (tools/bench/real_size.py, 110M parameters) with the
-exported config (`max_batch_size: 0`, the classic one-text payload of shape [1]), as
-shipped (requests that queue while an execution runs go into the next one together)
-and with `batch_requests: false` (one request per execution, as before), one server,
-the same run, alternating. perf_analyzer over HTTP, one text per request, concurrency 1
-and 8.
+exported config (`max_batch_size: 0`, the classic one-text payload of shape [1], two
+instances of one intra-op thread), as shipped (requests that queue while an execution
+runs go into the next one together), the same on one instance, and with
+`batch_requests: false` (one request per execution, as before), one server, the same
+run, alternating. perf_analyzer over HTTP, one text per request, concurrency 1 and 8.
 
 Run through scripts/bench-encoder-batching.sh. Prints Markdown tables for BENCHMARKS.md.
     BENCH_ROUNDS (3), BENCH_INTERVAL_MS (5000)
@@ -23,6 +23,7 @@ import real_size
 from perf import model_copy, perf_analyzer, stability_note, tritonserver
 
 MODEL = "classifier-base"
+ONE_INSTANCE = MODEL + "-one-instance"
 SERIAL = MODEL + "-serial"
 TEXT = "The service was quick and the staff were friendly."
 CONCURRENCY = (1, 8)
@@ -35,6 +36,10 @@ def repository(workdir: Path) -> Path:
     assert f'name: "{MODEL}"' in config and "max_batch_size: 0" in config, "the rendered config changed"
     root = workdir / "repository"
     model_copy(built, root, MODEL)
+    model_copy(built, root, ONE_INSTANCE)
+    one = root / ONE_INSTANCE / "config.pbtxt"
+    assert "count: 2," in one.read_text(), "the rendered config changed"
+    one.write_text(one.read_text().replace("count: 2,", "count: 1,"))
     model_copy(built, root, SERIAL, {"batch_requests": "false"})
     return root
 
@@ -49,8 +54,8 @@ def main() -> int:
         url = f"127.0.0.1:{server['http']}"
         for round_index in range(rounds):
             for concurrency in CONCURRENCY:
-                pair = (MODEL, SERIAL)
-                for model in pair if round_index % 2 == 0 else pair[::-1]:
+                models = (MODEL, ONE_INSTANCE, SERIAL)
+                for model in models if round_index % 2 == 0 else models[::-1]:
                     measured = perf_analyzer(model, "http", url, concurrency, workdir, data, interval)
                     results.setdefault((model, concurrency), []).append(measured)
                     print(f"[bench-encoder-batching] c={concurrency} {model}: {measured}",
@@ -59,7 +64,9 @@ def main() -> int:
     def median(model: str, concurrency: int, key: str) -> float:
         return statistics.median(r[key] for r in results[(model, concurrency)])
 
-    labels = ((SERIAL, "one request per execution"), (MODEL, "batched across executions (shipped)"))
+    labels = ((SERIAL, "one request per execution, 2 instances"),
+              (ONE_INSTANCE, "batched across executions, 1 instance"),
+              (MODEL, "batched across executions, 2 instances (shipped)"))
     print("| batching | concurrency | infer/s | p50 / p99 (ms) |")
     print("|---|---:|---:|---|")
     for model, label in labels:

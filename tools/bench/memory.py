@@ -21,7 +21,7 @@ from perf import tritonserver
 
 MODEL = "encoder-base"
 COUNTS = (1, 2, 4)
-DEFAULT_INSTANCES = "instance_group [ { count: 1, kind: KIND_CPU } ]"
+DEFAULT_INSTANCES = "instance_group [ { count: 2, kind: KIND_CPU } ]"
 
 
 def rss_mib(pid: int) -> float:
@@ -45,7 +45,7 @@ def main() -> int:
         config = repository / MODEL / "config.pbtxt"
         text = config.read_text()
         assert DEFAULT_INSTANCES in text, "the rendered config changed"
-        config.write_text(text.replace(DEFAULT_INSTANCES, DEFAULT_INSTANCES.replace("count: 1", f"count: {count}")))
+        config.write_text(text.replace(DEFAULT_INSTANCES, DEFAULT_INSTANCES.replace("count: 2", f"count: {count}")))
         with tritonserver(repository, workdir) as server:
             for _ in range(16):
                 response = requests.post(f"http://127.0.0.1:{server['http']}/v2/models/{MODEL}/infer",

@@ -41,10 +41,11 @@ def tritonserver(repository: Path, workdir: Path, args=(), backend_dir=None):
         log.close()
 
 
-def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] | None = None) -> None:
-    """Model directory `source` as model `name` under `root`: version 1 only (its files
-    linked, not copied: the real-size models are large), its warm-up data, and its config
-    with `parameters` added."""
+def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] | None = None,
+               version: str = "1") -> None:
+    """Model directory `source` as model `name` under `root`: one version, served as
+    version 1 (the files of `source`'s `version`, linked, not copied: the real-size models
+    are large), its warm-up data, and its config with `parameters` added."""
     config = (source / "config.pbtxt").read_text()
     source_name = next(line for line in config.splitlines() if line.startswith("name:"))
     config = config.replace(source_name, f'name: "{name}"')
@@ -53,7 +54,7 @@ def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] |
     for key, value in (parameters or {}).items():
         config += f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
     (root / name / "1").mkdir(parents=True)
-    for item in (source / "1").iterdir():
+    for item in (source / version).iterdir():
         (root / name / "1" / item.name).symlink_to(item.resolve())
     shutil.copytree(source / "warmup", root / name / "warmup")
     (root / name / "config.pbtxt").write_text(config)

@@ -1,14 +1,22 @@
-"""Serving benchmark: `sentiment-classifier` on this backend against its Python-backend
-peer (tools/bench/python_peer: Triton's Python backend + onnxruntime + tokenizers on the
-same ONNX file and tokenizer, all requests of an execute call in one padded batch, the
-same threads), one server, the same run, alternating, HTTP and gRPC, concurrency 1, 8
-and 32, measured by perf_analyzer with the classic payload (one text, shape [1]). Also
-the server-side compute per request (Triton's statistics) against ONNX Runtime called
-in-process on the same input (tokenize + run, one thread): the backend's overhead.
+"""Serving benchmark: our models against their Python-backend peers (tools/bench/python_peer:
+Triton's Python backend + onnxruntime + tokenizers on the same ONNX file and tokenizer,
+all requests of an execute call in one padded batch, the same threads), one server, the
+same run, alternating, HTTP and gRPC, concurrency 1, 8 and 32, measured by perf_analyzer
+with the classic payload (one text, shape [1]):
 
-Run through scripts/bench-serving.sh (it sets up perf_analyzer and the peer's packages):
+- `sentiment-classifier` and `sentiment-classifier-python`;
+- `gpt2-small` and `gpt2-small-python` (50 sampled new tokens, the config's defaults).
+
+Also the server-side compute per request (Triton's statistics, at the lowest concurrency)
+against ONNX Runtime called in-process on the same input (classifiers: tokenize + run, one
+thread): the backend's overhead. BENCH_REAL_SIZE=1 adds random-weight models of real size
+(tools/bench/real_size.py, about 1 GB in all): a RoBERTa-base-size classifier and GPT-2
+124M (20 new tokens), each with its peer, at concurrency 1 and 8.
+
+Run through scripts/bench-serving.sh (it sets up perf_analyzer and the peers' packages):
     scripts/bench-serving.sh                 # 3 rounds
     BENCH_ROUNDS=1 BENCH_CONCURRENCY=1 BENCH_INTERVAL_MS=1000 scripts/bench-serving.sh  # CI smoke
+    BENCH_REAL_SIZE=1 BENCH_ROUNDS=1 scripts/bench-serving.sh
 Prints Markdown tables for BENCHMARKS.md.
 """
 
@@ -20,41 +28,109 @@ import statistics
 import sys
 import tempfile
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from perf import REPO_ROOT, perf_analyzer, stability_note, tritonserver
+import real_size
+from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, tritonserver
 
-OURS, PEER = "sentiment-classifier", "sentiment-classifier-python"
-VERSION = "2"
 TEXT = "This is a great day!"
-PEER_DIR = Path(__file__).resolve().parent / "python_peer" / PEER
+PROMPT = "Once upon a time"
+PEERS = Path(__file__).resolve().parent / "python_peer"
 PYTHON_BACKEND = REPO_ROOT / ".deps" / "pytriton" / "pytriton" / "tritonserver"
+PROTOCOLS = ("http", "grpc")
+REAL_SIZE_CONCURRENCY = (1, 8)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One of our models and its Python-backend peer."""
+
+    ours: str
+    peer_code: str  # the peer's directory under tools/bench/python_peer
+    task: str
+    data: tuple[str, ...]  # what each request carries, as perf_analyzer arguments
+    real_size: bool = False
+    interval_ms: int | None = None  # the measurement window, where the default is short
+    new_tokens: int | None = None  # the config's max_new_tokens, where not the shipped 50
+
+    @property
+    def peer(self) -> str:
+        return f"{self.ours}-python"
+
+    @property
+    def version(self) -> str:
+        """The version served: the shipped models' latest, the built ones' only."""
+        return "1" if self.real_size else "2"
+
+
+CLASSIFIER_DATA = ("--string-data", TEXT, "--shape", "text_input:1")
+GENERATION_DATA = ("--string-data", PROMPT, "--shape", "text_input:1")
+TINY = [
+    Pair("sentiment-classifier", "sentiment-classifier-python", "sentiment-classifier", CLASSIFIER_DATA),
+    Pair("gpt2-small", "gpt2-small-python", "text-generation", GENERATION_DATA),
+]
+REAL_SIZE = [
+    Pair("classifier-base", "sentiment-classifier-python", "sentiment-classifier", CLASSIFIER_DATA,
+         real_size=True, interval_ms=5000),
+    Pair("gpt2-base", "gpt2-small-python", "text-generation", GENERATION_DATA, real_size=True,
+         interval_ms=20000, new_tokens=20),
+]
+ENCODER_DIMS = types.SimpleNamespace(layers=12, hidden=768, heads=12, ffn=3072, vocab=30522, positions=512)
+GPT2_DIMS = types.SimpleNamespace(layers=12, hidden=768, heads=12, gpt2_vocab=50257, context=1024)
+
+
+def rate(per_s: float) -> str:
+    """Three significant digits or more: the real-size GPT-2 answers about once a second."""
+    return f"{per_s:,.1f}" if per_s >= 10 else f"{per_s:.2f}"
 
 
 def site_packages() -> list[str]:
-    """Where the peer (and the in-process measurement) find onnxruntime and tokenizers."""
-    return [str(REPO_ROOT / ".deps" / "onnxruntime"), str(REPO_ROOT / ".deps" / "python-peer")]
+    """Where the peers (and the in-process measurement) find onnxruntime and tokenizers,
+    and the peers their shared code (python_peer/peer_common.py)."""
+    return [str(REPO_ROOT / ".deps" / "onnxruntime"), str(REPO_ROOT / ".deps" / "python-peer"), str(PEERS)]
 
 
-def repository(workdir: Path) -> Path:
-    """The shipped classifier, and its peer on the files of the same version."""
-    root = workdir / "repository"
-    shutil.copytree(REPO_ROOT / "model-repository" / OURS, root / OURS)
-    peer = root / PEER
-    shutil.copytree(PEER_DIR, peer)
+def add_peer(root: Path, pair: Pair, source: Path) -> None:
+    """The peer of `pair` on the files and config of `source`'s served version."""
+    peer = root / pair.peer
+    shutil.copytree(PEERS / pair.peer_code, peer, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("model.onnx", "tokenizer.json"):
-        shutil.copyfile(REPO_ROOT / "model-repository" / OURS / VERSION / name, peer / "1" / name)
-    shutil.copytree(REPO_ROOT / "model-repository" / OURS / "warmup", peer / "warmup")
-    config = (REPO_ROOT / "model-repository" / OURS / "config.pbtxt").read_text()
-    for old, new in [(f'name: "{OURS}"', f'name: "{PEER}"'), ('backend: "rust"', 'backend: "python"'),
-                     ("version_policy: { all { } }\n", "")]:
-        assert old in config, f"the shipped config changed: {old!r}"
+        (peer / "1" / name).symlink_to((source / pair.version / name).resolve())
+    shutil.copytree(source / "warmup", peer / "warmup")
+    config = (root / pair.ours / "config.pbtxt").read_text()
+    source_name = next(line for line in config.splitlines() if line.startswith("name:"))
+    for old, new in [(source_name, f'name: "{pair.peer}"'), ('backend: "rust"', 'backend: "python"')]:
+        assert old in config, f"the config changed: {old!r}"
         config = config.replace(old, new)
+    config = "".join(line for line in config.splitlines(keepends=True) if not line.startswith("version_policy"))
     config += ('parameters: { key: "site_packages", value: { string_value: "'
                + ":".join(site_packages()) + '" } }\n')
     (peer / "config.pbtxt").write_text(config)
+
+
+def repository(workdir: Path, pairs: list[Pair]) -> Path:
+    """Each pair's model (the shipped one, or one built at real size) and its peer."""
+    root = workdir / "repository"
+    for pair in pairs:
+        if pair.real_size:
+            dims = GPT2_DIMS if pair.task == "text-generation" else ENCODER_DIMS
+            source = real_size.write_model(workdir / "built", pair.ours, pair.task, dims)
+            model_copy(source, root, pair.ours)
+        else:
+            source = REPO_ROOT / "model-repository" / pair.ours
+            shutil.copytree(source, root / pair.ours)
+        if pair.new_tokens:
+            # In the config, so that both protocols and the peer use it (perf_analyzer's
+            # --request-parameter is gRPC only).
+            config = root / pair.ours / "config.pbtxt"
+            shipped = 'key: "max_new_tokens", value: { string_value: "50" }'
+            assert shipped in config.read_text(), "the rendered config changed"
+            config.write_text(config.read_text().replace(shipped, shipped.replace("50", str(pair.new_tokens))))
+        add_peer(root, pair, source)
     return root
 
 
@@ -77,18 +153,17 @@ def compute_us(base: str, model: str, version: str) -> tuple[float, int]:
     return inference["ns"] / 1000, inference["count"]
 
 
-def in_process_us(repetitions: int = 2000) -> float:
-    """Tokenize + run for the same text, ONNX Runtime in this process, one thread."""
+def in_process_us(model_file: Path, tokenizer_file: Path, repetitions: int) -> float:
+    """Tokenize + run for the benchmark's text, ONNX Runtime in this process, one thread."""
     sys.path[:0] = site_packages()
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    version_dir = REPO_ROOT / "model-repository" / OURS / VERSION
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     names = {i.name for i in session.get_inputs()}
 
     def once():
@@ -98,7 +173,7 @@ def in_process_us(repetitions: int = 2000) -> float:
             feeds["token_type_ids"] = np.zeros_like(ids)
         session.run(["logits"], feeds)
 
-    for _ in range(100):
+    for _ in range(max(repetitions // 20, 5)):
         once()
     started = time.perf_counter()
     for _ in range(repetitions):
@@ -110,50 +185,69 @@ def main() -> int:
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     concurrencies = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,8,32").split(",")]
     interval = int(os.environ.get("BENCH_INTERVAL_MS", "3000"))
+    pairs = TINY + (REAL_SIZE if os.environ.get("BENCH_REAL_SIZE") == "1" else [])
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    data = ["--string-data", TEXT, "--shape", "text_input:1"]
-    results: dict[tuple[str, int, str], list[dict]] = {}
-    versions = {OURS: VERSION, PEER: "1"}
-    with tritonserver(repository(workdir), workdir, backend_dir=backends(workdir)) as server:
+    root = repository(workdir, pairs)
+    results: dict[tuple[str, str, int], list[dict]] = {}
+
+    def cells(pair: Pair) -> list[tuple[str, int]]:
+        levels = [c for c in concurrencies if c in REAL_SIZE_CONCURRENCY] if pair.real_size else concurrencies
+        return [(protocol, concurrency) for protocol in PROTOCOLS for concurrency in levels]
+
+    with tritonserver(root, workdir, backend_dir=backends(workdir)) as server:
         base = f"http://127.0.0.1:{server['http']}"
-        for protocol in ("http", "grpc"):
-            url = f"127.0.0.1:{server[protocol]}"
-            for concurrency in concurrencies:
+        for pair in pairs:
+            versions = {pair.ours: pair.version, pair.peer: "1"}
+            for protocol, concurrency in cells(pair):
+                url = f"127.0.0.1:{server[protocol]}"
                 for round_index in range(rounds):
                     # Alternate which goes first, so drift in the machine favours neither.
-                    order = (OURS, PEER) if round_index % 2 == 0 else (PEER, OURS)
+                    order = (pair.ours, pair.peer) if round_index % 2 == 0 else (pair.peer, pair.ours)
                     for model in order:
                         before = compute_us(base, model, versions[model])
-                        measured = perf_analyzer(model, protocol, url, concurrency, workdir, data, interval)
+                        measured = perf_analyzer(model, protocol, url, concurrency, workdir, list(pair.data),
+                                                 pair.interval_ms or interval)
                         after = compute_us(base, model, versions[model])
                         measured["compute_us"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                        results.setdefault((protocol, concurrency, model), []).append(measured)
+                        results.setdefault((model, protocol, concurrency), []).append(measured)
                         print(f"[bench-serving] {protocol} c={concurrency} {model}: {measured}",
                               file=sys.stderr, flush=True)
-    in_process = in_process_us()
 
-    def median(protocol: str, concurrency: int, model: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[(protocol, concurrency, model)])
+    def median(model: str, key: str, protocol: str | None = None, concurrency: int | None = None) -> float:
+        return statistics.median(
+            run[key] for (name, p, c), runs in results.items() for run in runs
+            if name == model and protocol in (None, p) and concurrency in (None, c))
 
-    print("| protocol | concurrency | Python peer infer/s | ours infer/s | ours / peer | "
+    print("| model | protocol | concurrency | Python peer infer/s | ours infer/s | ours / peer | "
           "peer p50 / p99 (ms) | ours p50 / p99 (ms) |")
-    print("|---|---:|---:|---:|---:|---|---|")
-    for protocol in ("http", "grpc"):
-        for concurrency in concurrencies:
-            peer, ours = (median(protocol, concurrency, m, "infer_per_s") for m in (PEER, OURS))
-            latency = {m: (median(protocol, concurrency, m, "p50_ms"), median(protocol, concurrency, m, "p99_ms"))
-                       for m in (PEER, OURS)}
-            print(f"| {'HTTP' if protocol == 'http' else 'gRPC'} | {concurrency} | {peer:,.0f} | "
-                  f"{ours:,.0f} | {ours / peer:.2f} | {latency[PEER][0]:.2f} / {latency[PEER][1]:.2f} | "
-                  f"{latency[OURS][0]:.2f} / {latency[OURS][1]:.2f} |")
-    compute = {m: statistics.median(r["compute_us"] for key, runs in results.items() if key[2] == m for r in runs)
-               for m in (OURS, PEER)}
-    print("\n| server-side compute per request (µs) | Python peer | ours | ONNX Runtime in-process | "
-          "ours / in-process |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
+    for pair in pairs:
+        for protocol, concurrency in cells(pair):
+            cell = {m: [median(m, key, protocol, concurrency) for key in ("infer_per_s", "p50_ms", "p99_ms")]
+                    for m in (pair.peer, pair.ours)}
+            peer, ours = cell[pair.peer], cell[pair.ours]
+            print(f"| `{pair.ours}` | {'HTTP' if protocol == 'http' else 'gRPC'} | {concurrency} | "
+                  f"{rate(peer[0])} | {rate(ours[0])} | {ours[0] / peer[0]:.2f} | "
+                  f"{peer[1]:.2f} / {peer[2]:.2f} | {ours[1]:.2f} / {ours[2]:.2f} |")
+
+    # At the lowest concurrency: above it, our compute time includes the wait for the
+    # instance's batch under way (the request is queued inside the backend).
+    lowest = min(concurrencies)
+    print(f"\n| model | server-side compute per request at concurrency {lowest} (µs): Python peer | "
+          "ours | ONNX Runtime in-process | ours / in-process |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| median over all runs | {compute[PEER]:.0f} | {compute[OURS]:.0f} | {in_process:.0f} | "
-          f"{compute[OURS] / in_process:.2f} |")
-    print(f"\n(median of {rounds} rounds per cell of {interval} ms windows; {stability_note(results)})")
+    for pair in pairs:
+        peer, ours = (median(model, "compute_us", concurrency=lowest) for model in (pair.peer, pair.ours))
+        if pair.task == "text-generation":
+            print(f"| `{pair.ours}` | {peer:,.0f} | {ours:,.0f} | — | — |")
+            continue
+        served = root / pair.ours / pair.version
+        in_process = in_process_us(served / "model.onnx", served / "tokenizer.json",
+                                   100 if pair.real_size else 2000)
+        print(f"| `{pair.ours}` | {peer:,.0f} | {ours:,.0f} | {in_process:,.0f} | {ours / in_process:.2f} |")
+    print(f"\n(median of {rounds} rounds per cell of {interval} ms windows"
+          f"{'; 5000 ms for classifier-base, 20000 ms for gpt2-base' if REAL_SIZE[0] in pairs else ''}; "
+          f"{stability_note(results)})")
     return 0
 
 

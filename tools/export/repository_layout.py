@@ -121,9 +121,25 @@ output [
 ]
 """
 
-_INSTANCES = """
+_ENCODER_INSTANCES = """
+# Two instances of one ONNX Runtime thread each, sharing the weights: one per core of a
+# 2-core machine, each batching the requests that queue while it runs (see the README,
+# "Sizing instances and threads").
+instance_group [ { count: 2, kind: KIND_CPU } ]
+"""
+
+_GENERATION_INSTANCES = """
+# One instance: its decode loop runs every sequence in flight as one batch (see the
+# README, "Sizing instances and threads").
 instance_group [ { count: 1, kind: KIND_CPU } ]
 """
+
+# The example configs' instances, by task.
+_INSTANCES = {
+    "sentiment-classifier": _ENCODER_INSTANCES,
+    "feature-extraction": _ENCODER_INSTANCES,
+    "text-generation": _GENERATION_INSTANCES,
+}
 
 # The example configs' queue: priorities, a bounded queue and a queue timeout, by task
 # (waiting requests at most, µs in the queue at most).
@@ -323,7 +339,7 @@ def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> st
     return (
         _HEADER.format(name=pbtxt_string(model))
         + io
-        + _INSTANCES
+        + _INSTANCES[task]
         + _queue(task)
         + _parameters(pairs)
         + render_warmup(task)

@@ -6,31 +6,21 @@ threads (one intra-op, one inter-op), softmax and the label in numpy."""
 
 import json
 import sys
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        # The stub's Python ignores PYTHONPATH: onnxruntime, tokenizers and peer_common
+        # come from the config's site_packages.
         config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        # The stub's Python ignores PYTHONPATH: onnxruntime and tokenizers come from here.
-        sys.path[:0] = parameters["site_packages"].split(":")
-        global np, ort, Tokenizer
+        sys.path[:0] = config["parameters"]["site_packages"]["string_value"].split(":")
+        global np
         import numpy as np
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
+        from peer_common import open_model
 
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
-        self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
-        self.tokenizer.no_padding()
+        parameters, self.session, self.tokenizer = open_model(args)
         self.tokenizer.enable_truncation(int(parameters["max_sequence_length"]))
         self.pad_id = next(
             self.tokenizer.token_to_id(token)
