@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -205,6 +206,13 @@ def without_warmup(config: str) -> str:
     while before and (before[-1].startswith("#") or not before[-1].strip()):
         before.pop()
     return "\n".join(before) + "\n" + config[end:]
+
+
+def with_instances(config: str, count: int) -> str:
+    """A config.pbtxt text with its one CPU instance group set to `count` instances."""
+    config, replaced = re.subn(r"count: \d+, kind: KIND_CPU", f"count: {count}, kind: KIND_CPU", config)
+    assert replaced == 1, config
+    return config
 
 
 def load_reference(model: str) -> dict:

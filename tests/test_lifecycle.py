@@ -41,6 +41,7 @@ from conftest import (
     load_model,
     running_server,
     text_input,
+    with_instances,
     without_warmup,
 )
 
@@ -122,7 +123,7 @@ def lifecycle_server(tmp_path_factory):
         repository,
         ONE_INSTANCE,
         CLASSIFIER,
-        lambda c: c.replace("{ count: 2, kind: KIND_CPU }", "{ count: 1, kind: KIND_CPU }"),
+        lambda c: with_instances(c, 1),
     )
     args = ["--model-control-mode=explicit", "--strict-readiness=false"]
     with running_server(repository, root / "tritonserver.log", args) as triton:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import error_message, metric_sum, text_input
+from conftest import error_message, metric_sum, text_input, with_instances
 
 CLASSIFIER = "sentiment-classifier"
 QUEUED_MODELS = ["sentiment-classifier", "bert-base", "gpt2-small", "gpt2-small-stream"]
@@ -89,8 +89,7 @@ def classifier_server(repository_copy, start_server):
     def start(**replacements: str):
         repository = repository_copy(CLASSIFIER)
         config = repository / CLASSIFIER / "config.pbtxt"
-        text = config.read_text()
-        replacements = {"{ count: 2, kind: KIND_CPU }": "{ count: 1, kind: KIND_CPU }", **replacements}
+        text = with_instances(config.read_text(), 1)
         for old, new in replacements.items():
             assert old in text, f"config.pbtxt changed: {old!r} not found"
             text = text.replace(old, new)

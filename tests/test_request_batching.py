@@ -13,7 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import MODEL_REPOSITORY, infer, metric_sum, outputs_by_name, running_server, text_input
+from conftest import (
+    MODEL_REPOSITORY,
+    infer,
+    metric_sum,
+    outputs_by_name,
+    running_server,
+    text_input,
+    with_instances,
+)
 
 CLASSIFIER = "sentiment-classifier"
 BATCHED = f"{CLASSIFIER}-batched"
@@ -39,10 +47,8 @@ def without_triton_queue(config: str, name: str) -> str:
     timing, not the backend's batching (README, "Priorities and queue limits")."""
     config, removed = re.subn(r"\ndynamic_batching \{.*?\n\}\n", "\n", config, flags=re.S)
     assert removed == 1, config
-    for old, new in [(f'name: "{CLASSIFIER}"', f'name: "{name}"'), ("count: 2,", "count: 1,")]:
-        assert old in config, old
-        config = config.replace(old, new)
-    return config
+    assert f'name: "{CLASSIFIER}"' in config
+    return with_instances(config.replace(f'name: "{CLASSIFIER}"', f'name: "{name}"'), 1)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from perf import REPO_ROOT, tritonserver
+from perf import REPO_ROOT, model_copy, tritonserver
 
 MODEL = "sentiment-classifier"
 HEAVY = [" ".join(f"word{i}" for i in range(200))] * 256
@@ -46,14 +45,18 @@ VARIANTS = {
 
 
 def repository(workdir: Path) -> Path:
+    """The shipped classifier's latest version three times: as shipped, on one instance,
+    and on one instance without Triton's queue."""
     root = workdir / "repository"
-    config = (REPO_ROOT / "model-repository" / MODEL / "config.pbtxt").read_text()
-    one = config.replace("count: 2,", "count: 1,")
-    no_queue, removed = re.subn(r"\ndynamic_batching \{.*?\n\}\n", "\n", one, flags=re.S)
-    assert one != config and removed == 1, "the shipped config changed"
-    for name, text in [(MODEL, config), ("one-instance", one), ("no-queue", no_queue)]:
-        shutil.copytree(REPO_ROOT / "model-repository" / MODEL, root / name)
-        (root / name / "config.pbtxt").write_text(text.replace(f'name: "{MODEL}"', f'name: "{name}"'))
+    source = REPO_ROOT / "model-repository" / MODEL
+    one = "{ count: 1, kind: KIND_CPU }"
+    model_copy(source, root, MODEL, version="2")
+    model_copy(source, root, "one-instance", version="2", instances=one)
+    model_copy(source, root, "no-queue", version="2", instances=one)
+    config = root / "no-queue" / "config.pbtxt"
+    no_queue, removed = re.subn(r"\ndynamic_batching \{.*?\n\}\n", "\n", config.read_text(), flags=re.S)
+    assert removed == 1, "the shipped config changed"
+    config.write_text(no_queue)
     return root
 
 

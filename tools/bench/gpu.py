@@ -49,11 +49,8 @@ def repository(workdir: Path) -> Path:
     for model in MODELS:
         source = REPO_ROOT / "model-repository" / model
         model_copy(source, root, model, version="2")
-        model_copy(source, root, model + GPU, version="2")
-        config = root / (model + GPU) / "config.pbtxt"
-        text = config.read_text()
-        shipped = next(line for line in text.splitlines() if line.startswith("instance_group"))
-        config.write_text(text.replace(shipped, "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] } ]"))
+        model_copy(source, root, model + GPU, version="2",
+                   instances="{ count: 1, kind: KIND_GPU, gpus: [ 0 ] }")
     return root
 
 

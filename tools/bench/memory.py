@@ -17,11 +17,10 @@ from pathlib import Path
 import requests
 
 import real_size
-from perf import tritonserver
+from perf import model_copy, tritonserver
 
 MODEL = "encoder-base"
 COUNTS = (1, 2, 4)
-DEFAULT_INSTANCES = "instance_group [ { count: 2, kind: KIND_CPU } ]"
 
 
 def rss_mib(pid: int) -> float:
@@ -41,11 +40,7 @@ def main() -> int:
     rows = []
     for count in COUNTS:
         repository = workdir / f"count-{count}"
-        shutil.copytree(built, repository / MODEL)
-        config = repository / MODEL / "config.pbtxt"
-        text = config.read_text()
-        assert DEFAULT_INSTANCES in text, "the rendered config changed"
-        config.write_text(text.replace(DEFAULT_INSTANCES, DEFAULT_INSTANCES.replace("count: 2", f"count: {count}")))
+        model_copy(built, repository, MODEL, instances=f"{{ count: {count}, kind: KIND_CPU }}")
         with tritonserver(repository, workdir) as server:
             for _ in range(16):
                 response = requests.post(f"http://127.0.0.1:{server['http']}/v2/models/{MODEL}/infer",

@@ -42,13 +42,17 @@ def tritonserver(repository: Path, workdir: Path, args=(), backend_dir=None):
 
 
 def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] | None = None,
-               version: str = "1") -> None:
+               version: str = "1", instances: str | None = None) -> None:
     """Model directory `source` as model `name` under `root`: one version, served as
     version 1 (the files of `source`'s `version`, linked, not copied: the real-size models
-    are large), its warm-up data, and its config with `parameters` added."""
+    are large), its warm-up data, and its config with `parameters` added and, if given,
+    `instances` (e.g. "{ count: 1, kind: KIND_CPU }") as its instance group."""
     config = (source / "config.pbtxt").read_text()
     source_name = next(line for line in config.splitlines() if line.startswith("name:"))
     config = config.replace(source_name, f'name: "{name}"')
+    if instances:
+        shipped = next(line for line in config.splitlines() if line.startswith("instance_group"))
+        config = config.replace(shipped, f"instance_group [ {instances} ]")
     config = config.replace("version_policy: { all { } }",
                             "version_policy: { specific { versions: [1] } }")
     for key, value in (parameters or {}).items():
