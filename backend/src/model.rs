@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{BackendError, panic_message};
 use crate::heap::{self, MmapThreshold};
 use crate::onnx::{Device, OnnxRuntimeLibrary};
-use crate::request_batcher::{RequestBatcher, execute_guarded};
+use crate::request_batcher::{RequestBatcher, SharedQueue, execute_guarded, shared_queue};
 use crate::responder::{OutputWriter, Responder, WriteOutputs};
 use crate::settings;
 use crate::tasks::{self, InstanceContext, ModelContext, Pending, RequestData, Task, TaskVisitor};
@@ -188,9 +188,13 @@ impl TaskVisitor for Loader<'_> {
         }
         let task = T::load(self.context, settings)?;
         check_warmup(&task, config, self.model_dir)?;
+        let batching = task
+            .batch_across_executions()
+            .map(|rows| (shared_queue::<T>(rows), rows));
         Ok(Box::new(TaskModel {
             task: Arc::new(task),
             max_batch_size: config.max_batch_size,
+            batching,
         }))
     }
 }
@@ -222,6 +226,9 @@ fn check_warmup<T: Task>(
 struct TaskModel<T: Task> {
     task: Arc<T>,
     max_batch_size: i64,
+    /// With batching across executions: the queue the instances share, and the most
+    /// rows of a batch.
+    batching: Option<(SharedQueue<T>, usize)>,
 }
 
 impl<T: Task> LoadedModel for TaskModel<T> {
@@ -232,12 +239,13 @@ impl<T: Task> LoadedModel for TaskModel<T> {
     fn instance(&self, context: &InstanceContext) -> Result<Box<dyn LoadedInstance>, BackendError> {
         let state = self.task.instance(context)?;
         let memory = self.task.instance_memory_usage(&state)?;
-        let runner = match self.task.batch_across_executions() {
-            Some(rows) => Runner::Batcher(RequestBatcher::start(
+        let runner = match &self.batching {
+            Some((queue, rows)) => Runner::Batcher(RequestBatcher::start(
                 &context.name,
                 Arc::clone(&self.task),
                 state,
-                rows,
+                Arc::clone(queue),
+                *rows,
             )?),
             None => Runner::InExecute(state),
         };
@@ -341,7 +349,8 @@ impl Drop for InFlightGuard {
 enum Runner<T: Task> {
     /// In `execute`, on Triton's thread.
     InExecute(T::Instance),
-    /// On the instance's own thread, batched across executions.
+    /// On the instance's own thread, batched across executions with the other
+    /// instances' requests.
     Batcher(RequestBatcher<T>),
 }
 

@@ -1,7 +1,9 @@
 //! Batching across executions, for models Triton does not batch (`max_batch_size: 0`,
-//! so the classic one-text payload keeps its shape): `execute` queues each request for
-//! the instance's own thread and returns, and the thread runs all the requests that
-//! queued while it was busy as one batch ([`Task::batch_across_executions`]).
+//! so the classic one-text payload keeps its shape): `execute` queues each request in
+//! the model version's queue and returns; each instance has a thread that takes all
+//! the requests that queued while it was busy and runs them as one batch
+//! ([`Task::batch_across_executions`]). The instances share the queue, so a request
+//! waits for the first instance to be free, not for the one Triton gave it to.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -10,25 +12,34 @@ use crate::error::{BackendError, panic_message};
 use crate::log_error;
 use crate::responder::Pending;
 use crate::tasks::Task;
-use crate::work_queue::QueueWorker;
+use crate::work_queue::{QueueWorker, WorkQueue};
 
-/// An instance's thread and its queue; dropping it lets the thread finish what is
-/// queued, then joins it.
+/// The queue a model version's instances share.
+pub type SharedQueue<T> = Arc<WorkQueue<Pending<<T as Task>::Request>>>;
+
+/// The queue for batches of at most `rows` rows. About one full batch waits there; the
+/// rest in Triton's queue.
+pub fn shared_queue<T: Task>(rows: usize) -> SharedQueue<T> {
+    Arc::new(WorkQueue::new(rows))
+}
+
+/// An instance's thread on the shared queue; dropping it lets the thread finish what
+/// it runs and what is queued, then joins it.
 pub struct RequestBatcher<T: Task> {
     worker: QueueWorker<Pending<T::Request>>,
 }
 
 impl<T: Task> RequestBatcher<T> {
     /// Starts the thread named after `instance`, which owns the instance's state from
-    /// now on and runs batches of at most `rows` rows.
+    /// now on and runs batches of at most `rows` rows taken from `queue`.
     pub fn start(
         instance: &str,
         task: Arc<T>,
         mut state: T::Instance,
+        queue: SharedQueue<T>,
         rows: usize,
     ) -> Result<Self, BackendError> {
-        // About one full batch waits here; the rest in Triton's queue.
-        let worker = QueueWorker::start(format!("batch {instance}"), rows, move |queue| {
+        let worker = QueueWorker::join(format!("batch {instance}"), queue, move |queue| {
             loop {
                 let mut taken = 0;
                 let batch = queue.take(false, |_, more| {
@@ -45,7 +56,8 @@ impl<T: Task> RequestBatcher<T> {
         Ok(RequestBatcher { worker })
     }
 
-    /// Queues a batch's requests (waits while a full batch is queued).
+    /// Queues a batch's requests for the first free instance (waits while a full batch
+    /// is queued).
     pub fn submit(&self, batch: Vec<Pending<T::Request>>) {
         for pending in batch {
             let rows = T::rows(&pending.request);

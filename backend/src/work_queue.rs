@@ -1,10 +1,12 @@
-//! The queue between `execute` and an instance's own worker thread, for tasks that run
-//! requests after `execute` returns (generation's decode loop, encoders that batch
-//! requests of several executions). It holds at most about one full batch: past that,
-//! `submit` waits, so further requests stay in Triton's queue, where priorities and
-//! queue limits apply.
+//! The queue between `execute` and worker threads, for tasks that run requests after
+//! `execute` returns: generation's decode loop (one queue per instance), and encoders
+//! that batch requests of several executions (one queue per model version, shared by
+//! its instances, so a request waits only until the first worker is free). It holds at
+//! most about one full batch: past that, `submit` waits, so further requests stay in
+//! Triton's queue, where priorities and queue limits apply.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -14,7 +16,8 @@ struct Waiting<R> {
     /// Each item with its rows.
     items: VecDeque<(R, usize)>,
     rows: usize,
-    closed: bool,
+    /// Workers taking from the queue that have not been told to leave.
+    workers: usize,
 }
 
 pub struct WorkQueue<R> {
@@ -30,7 +33,7 @@ impl<R> WorkQueue<R> {
             waiting: Mutex::new(Waiting {
                 items: VecDeque::new(),
                 rows: 0,
-                closed: false,
+                workers: 0,
             }),
             changed: Condvar::new(),
             capacity,
@@ -48,10 +51,10 @@ impl<R> WorkQueue<R> {
     }
 
     /// Queues `item` of `rows` rows; waits while the queue is full (an item alone always
-    /// goes in).
+    /// goes in) and a worker is there to empty it.
     pub fn submit(&self, item: R, rows: usize) {
         let mut waiting = self.lock();
-        while waiting.rows > 0 && waiting.rows + rows > self.capacity && !waiting.closed {
+        while waiting.rows > 0 && waiting.rows + rows > self.capacity && waiting.workers > 0 {
             waiting = self.wait(waiting);
         }
         waiting.rows += rows;
@@ -61,11 +64,16 @@ impl<R> WorkQueue<R> {
 
     /// The items at the front that `admit` accepts (it sees each item and its rows, in
     /// order, and the first refusal ends the take: no item overtakes another). Unless
-    /// `busy`, waits for an item first; `None` once the queue is closed and empty and
-    /// the caller is not busy.
-    pub fn take(&self, busy: bool, mut admit: impl FnMut(&R, usize) -> bool) -> Option<Vec<R>> {
+    /// `busy`, waits for an item first; `None` once the worker is `leaving`, the queue
+    /// is empty and the worker is not busy.
+    fn take(
+        &self,
+        busy: bool,
+        leaving: &AtomicBool,
+        mut admit: impl FnMut(&R, usize) -> bool,
+    ) -> Option<Vec<R>> {
         let mut waiting = self.lock();
-        while !busy && waiting.items.is_empty() && !waiting.closed {
+        while !busy && waiting.items.is_empty() && !leaving.load(Ordering::Relaxed) {
             waiting = self.wait(waiting);
         }
         if !busy && waiting.items.is_empty() {
@@ -86,38 +94,82 @@ impl<R> WorkQueue<R> {
         Some(taken)
     }
 
-    /// No more waiting: `take` returns `None` once the queue is empty, and `submit`
-    /// stops waiting for room.
-    pub fn close(&self) {
-        self.lock().closed = true;
+    /// One more worker takes from the queue.
+    fn arrive(&self) {
+        self.lock().workers += 1;
+    }
+
+    /// Tells the worker whose flag is `leaving` to stop waiting for items.
+    fn leave(&self, leaving: &AtomicBool) {
+        let mut waiting = self.lock();
+        if !leaving.swap(true, Ordering::Relaxed) {
+            waiting.workers = waiting.workers.saturating_sub(1);
+        }
         self.changed.notify_all();
     }
 }
 
-/// A thread that takes its work from a [`WorkQueue`] of its own. Dropping it closes the
-/// queue, lets the thread finish what is queued, then joins it.
+/// A worker thread's side of its queue.
+pub struct Intake<R> {
+    queue: Arc<WorkQueue<R>>,
+    leaving: Arc<AtomicBool>,
+}
+
+impl<R> Intake<R> {
+    /// See [`WorkQueue::take`]: `None` once the worker is told to leave, the queue is
+    /// empty and the worker is not `busy`.
+    pub fn take(&self, busy: bool, admit: impl FnMut(&R, usize) -> bool) -> Option<Vec<R>> {
+        self.queue.take(busy, &self.leaving, admit)
+    }
+}
+
+/// A thread that takes its work from a [`WorkQueue`], alone or beside other workers.
+/// Dropping it tells the thread to leave, lets it finish what it holds and what is
+/// queued, then joins it.
 pub struct QueueWorker<R> {
     queue: Arc<WorkQueue<R>>,
+    leaving: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl<R: Send + 'static> QueueWorker<R> {
-    /// Starts thread `name` running `work` on a queue of `capacity` rows.
+    /// Starts thread `name` running `work` on a queue of `capacity` rows of its own.
     pub fn start(
         name: String,
         capacity: usize,
-        work: impl FnOnce(&WorkQueue<R>) + Send + 'static,
+        work: impl FnOnce(&Intake<R>) + Send + 'static,
     ) -> Result<Self, BackendError> {
-        let queue = Arc::new(WorkQueue::new(capacity));
-        let waiting = Arc::clone(&queue);
-        let thread = std::thread::Builder::new()
+        Self::join(name, Arc::new(WorkQueue::new(capacity)), work)
+    }
+
+    /// Starts thread `name` running `work` on `queue`, beside its other workers.
+    pub fn join(
+        name: String,
+        queue: Arc<WorkQueue<R>>,
+        work: impl FnOnce(&Intake<R>) + Send + 'static,
+    ) -> Result<Self, BackendError> {
+        let leaving = Arc::new(AtomicBool::new(false));
+        let intake = Intake {
+            queue: Arc::clone(&queue),
+            leaving: Arc::clone(&leaving),
+        };
+        queue.arrive();
+        let spawned = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || work(&waiting))
-            .map_err(|e| BackendError::internal(format!("cannot start thread '{name}': {e}")))?;
-        Ok(QueueWorker {
-            queue,
-            thread: Some(thread),
-        })
+            .spawn(move || work(&intake));
+        match spawned {
+            Ok(thread) => Ok(QueueWorker {
+                queue,
+                leaving,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                queue.leave(&leaving);
+                Err(BackendError::internal(format!(
+                    "cannot start thread '{name}': {e}"
+                )))
+            }
+        }
     }
 
     /// Queues `item` of `rows` rows (see [`WorkQueue::submit`]).
@@ -128,7 +180,7 @@ impl<R: Send + 'static> QueueWorker<R> {
 
 impl<R> Drop for QueueWorker<R> {
     fn drop(&mut self) {
-        self.queue.close();
+        self.queue.leave(&self.leaving);
         if let Some(thread) = self.thread.take() {
             let _finished = thread.join();
         }
@@ -138,16 +190,18 @@ impl<R> Drop for QueueWorker<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::mpsc;
 
     #[test]
     fn takes_in_order_until_the_first_refusal() {
         let queue = WorkQueue::new(10);
+        let leaving = AtomicBool::new(false);
+        queue.arrive();
         for (item, rows) in [("a", 2), ("b", 5), ("c", 1)] {
             queue.submit(item, rows);
         }
         let mut room = 6;
-        let taken = queue.take(false, |_, rows| {
+        let taken = queue.take(false, &leaving, |_, rows| {
             let fits = rows <= room;
             room = room.saturating_sub(rows);
             fits
@@ -157,23 +211,63 @@ mod tests {
             Some(vec!["a"]),
             "'b' does not fit, and 'c' may not overtake it"
         );
-        assert_eq!(queue.take(true, |_, _| true), Some(vec!["b", "c"]));
-        assert_eq!(queue.take(true, |_, _| true), Some(vec![]), "busy: no wait");
-        queue.close();
-        assert_eq!(queue.take(false, |_, _| true), None);
+        assert_eq!(
+            queue.take(true, &leaving, |_, _| true),
+            Some(vec!["b", "c"])
+        );
+        assert_eq!(
+            queue.take(true, &leaving, |_, _| true),
+            Some(vec![]),
+            "busy: no wait"
+        );
+        queue.leave(&leaving);
+        assert_eq!(queue.take(false, &leaving, |_, _| true), None);
     }
 
     #[test]
     fn submit_waits_for_room_until_taken() {
         let queue = Arc::new(WorkQueue::new(3));
+        let leaving = AtomicBool::new(false);
+        queue.arrive();
         queue.submit(1, 3);
         let producer = {
             let queue = Arc::clone(&queue);
             std::thread::spawn(move || queue.submit(2, 1))
         };
         // The second item waits for the first to be taken.
-        assert_eq!(queue.take(false, |_, _| true), Some(vec![1]));
+        assert_eq!(queue.take(false, &leaving, |_, _| true), Some(vec![1]));
         producer.join().expect("the producer finishes");
-        assert_eq!(queue.take(false, |_, _| true), Some(vec![2]));
+        assert_eq!(queue.take(false, &leaving, |_, _| true), Some(vec![2]));
+    }
+
+    #[test]
+    fn workers_of_one_queue_leave_one_by_one() {
+        let queue = Arc::new(WorkQueue::new(1));
+        let (done, finished) = mpsc::channel();
+        let start = |name: &str| {
+            let done = done.clone();
+            let name = name.to_string();
+            QueueWorker::join(name.clone(), Arc::clone(&queue), move |intake| {
+                while let Some(items) = intake.take(false, |_, _| true) {
+                    for item in items {
+                        done.send((name.clone(), item)).expect("the test listens");
+                    }
+                }
+            })
+            .expect("the worker starts")
+        };
+        let first = start("first");
+        let second = start("second");
+        drop(first);
+        // The second worker still takes what is queued.
+        second.submit(7, 1);
+        assert_eq!(
+            finished.recv().expect("an item is done"),
+            ("second".to_string(), 7)
+        );
+        drop(second);
+        // No worker left: a full queue no longer holds `submit` back.
+        queue.submit(8, 1);
+        queue.submit(9, 1);
     }
 }

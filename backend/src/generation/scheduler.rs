@@ -13,7 +13,7 @@ use super::delivery::Outbox;
 use super::{GenerationRequest, Generator};
 use crate::error::{BackendError, panic_message};
 use crate::responder::Pending;
-use crate::work_queue::{QueueWorker, WorkQueue};
+use crate::work_queue::{Intake, QueueWorker};
 
 /// How much one instance runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ fn run(
     generator: &Generator,
     session: &mut Session,
     binding: &mut DecoderBinding,
-    queue: &WorkQueue<Pending<GenerationRequest>>,
+    queue: &Intake<Pending<GenerationRequest>>,
     outbox: Outbox,
 ) {
     let limits = generator.limits();
