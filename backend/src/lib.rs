@@ -13,6 +13,7 @@ pub mod config;
 pub mod encoder_metrics;
 pub mod error;
 pub mod generation;
+pub mod generation_metrics;
 pub mod health;
 pub mod heap;
 pub mod memory;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
@@ -17,10 +18,11 @@ use super::cache_rows::plan_merge;
 use super::decoder::DecoderBinding;
 use super::delivery::{Letter, Outbox, Recipient};
 use super::params::GenerationParams;
-use super::row::Row;
+use super::row::{FinishReason, Row};
 use super::text_stream::TextStream;
 use super::{GenerationRequest, Generator};
 use crate::error::BackendError;
+use crate::generation_metrics::GenerationMetrics;
 use crate::responder::{Pending, Responder};
 
 /// A request whose rows are running.
@@ -62,13 +64,20 @@ pub struct RunningBatch<'g> {
     cache: Vec<DynValue>,
     width: usize,
     outbox: Outbox,
+    /// Where the batch's work is counted (not for the load-time probe).
+    metrics: Option<&'g GenerationMetrics>,
 }
 
 impl<'g> RunningBatch<'g> {
-    pub(super) fn new(generator: &'g Generator, outbox: Outbox) -> Self {
+    pub(super) fn new(
+        generator: &'g Generator,
+        outbox: Outbox,
+        metrics: Option<&'g GenerationMetrics>,
+    ) -> Self {
         RunningBatch {
             generator,
             outbox,
+            metrics,
             rows: Vec::new(),
             requests: HashMap::new(),
             next_request: 0,
@@ -107,11 +116,20 @@ impl<'g> RunningBatch<'g> {
             return;
         }
         let first = self.rows.len();
+        let received: Vec<Instant> = pending.iter().map(|p| p.request.received).collect();
         for Pending { request, responder } in pending {
             self.add(request, responder);
         }
         match self.prefill(session, binding, first) {
             Ok(joining) => {
+                if let Some(metrics) = self.metrics {
+                    let joined = &self.rows[first..];
+                    let prompt_tokens = joined.iter().map(|row| row.prompt.len()).sum();
+                    metrics.joined(joined.len(), prompt_tokens);
+                    for received in received {
+                        metrics.first_token(received.elapsed());
+                    }
+                }
                 self.send_pieces();
                 if let Err(error) = self.settle(binding, first, joining) {
                     self.fail_all(&error);
@@ -124,10 +142,11 @@ impl<'g> RunningBatch<'g> {
     /// One new token for every running row; rows that end leave the batch.
     pub fn step(&mut self, session: &mut Session, binding: &mut DecoderBinding) {
         for row in &mut self.rows {
-            row.finished = self
+            let stops = self
                 .requests
                 .get(&row.request)
                 .is_none_or(|active| active.recipient.should_stop());
+            row.finished = stops.then_some(FinishReason::Abort);
         }
         let all = self.rows.len();
         let stepped = self.settle(binding, all, None).and_then(|()| {
@@ -157,6 +176,7 @@ impl<'g> RunningBatch<'g> {
             text_shape,
             params,
             stream,
+            received: _,
         } = request;
         let params = Arc::new(params);
         let decodes = stream || !params.stop.is_empty();
@@ -174,7 +194,8 @@ impl<'g> RunningBatch<'g> {
                 generated: Vec::new(),
                 text: decodes.then(|| TextStream::new(self.generator.tokenizer())),
                 padding: 0,
-                finished: false,
+                last_token_at: None,
+                finished: None,
             });
         }
         self.requests.insert(
@@ -304,19 +325,30 @@ impl<'g> RunningBatch<'g> {
         let rows = &mut self.rows[first..];
         let chosen = binding.choose(logits, rows)?;
         let generator = self.generator;
+        let now = Instant::now();
         for (row, token) in rows.iter_mut().zip(chosen) {
             if token == generator.eos_id {
-                row.finished = true;
+                row.finished = Some(FinishReason::Stop);
                 continue;
             }
             row.generated.push(token);
+            if let Some(metrics) = self.metrics {
+                metrics.token(row.last_token_at.map(|at| now.duration_since(at)));
+            }
+            row.last_token_at = Some(now);
             let stopped = match &mut row.text {
                 Some(text) => text.push(token, &row.params.stop)?,
                 None => false,
             };
-            row.finished = stopped
-                || row.generated.len() >= row.params.max_new_tokens
-                || row.length() >= generator.context_length;
+            row.finished = if stopped {
+                Some(FinishReason::Stop)
+            } else if row.generated.len() >= row.params.max_new_tokens
+                || row.length() >= generator.context_length
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
         }
         Ok(())
     }
@@ -366,14 +398,14 @@ impl<'g> RunningBatch<'g> {
         joining: Option<(Vec<DynValue>, usize)>,
     ) -> Result<(), BackendError> {
         let joins = first < self.rows.len();
-        if !joins && !self.rows.iter().any(|row| row.finished) {
+        if !joins && !self.rows.iter().any(|row| row.finished.is_some()) {
             return Ok(());
         }
         if self.generator.use_cache {
             let kept = |rows: &[Row<'_>]| -> Vec<(usize, usize)> {
                 rows.iter()
                     .enumerate()
-                    .filter(|(_, row)| !row.finished)
+                    .filter(|(_, row)| row.finished.is_none())
                     .map(|(index, row)| (index, row.padding))
                     .collect()
             };
@@ -392,20 +424,23 @@ impl<'g> RunningBatch<'g> {
             self.width = width;
             let (staying_rows, joining_rows) = self.rows.split_at_mut(first);
             for (side, rows) in [staying_rows, joining_rows].into_iter().enumerate() {
-                for row in rows.iter_mut().filter(|row| !row.finished) {
+                for row in rows.iter_mut().filter(|row| row.finished.is_none()) {
                     row.padding = row.padding - plans[side].trim + plans[side].pad;
                 }
             }
         }
         let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rows)
             .into_iter()
-            .partition(|row| row.finished);
+            .partition(|row| row.finished.is_some());
         self.rows = running;
         if self.rows.is_empty() {
             self.cache.clear();
             self.width = 0;
         }
         for row in ended {
+            if let Some(metrics) = self.metrics {
+                metrics.left(row.finished);
+            }
             self.end_row(row);
         }
         Ok(())
@@ -463,6 +498,11 @@ impl<'g> RunningBatch<'g> {
         for (_, active) in self.requests.drain() {
             if !active.recipient.is_broken() {
                 active.recipient.fail(error);
+            }
+        }
+        if let Some(metrics) = self.metrics {
+            for _ in self.rows.drain(..) {
+                metrics.left(None);
             }
         }
         self.rows.clear();
@@ -527,7 +567,7 @@ pub fn generate_all(
     binding: &mut DecoderBinding,
     pending: Vec<Pending<GenerationRequest>>,
 ) {
-    let mut batch = RunningBatch::new(generator, Outbox::inline());
+    let mut batch = RunningBatch::new(generator, Outbox::inline(), None);
     batch.admit(session, binding, pending);
     while !batch.is_empty() {
         batch.step(session, binding);

@@ -18,17 +18,20 @@ pub mod decoder;
 mod delivery;
 pub mod params;
 mod row;
+pub use row::FinishReason;
 pub mod sampler_graphs;
 pub mod scheduler;
 mod text_stream;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ort::session::Session;
 use tokenizers::Tokenizer;
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
+use crate::generation_metrics::GenerationMetrics;
 use crate::responder::{CollectingResponder, Pending};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
@@ -81,6 +84,8 @@ pub struct GenerationRequest {
     params: GenerationParams,
     /// Send text pieces as they come (decoupled models only).
     stream: bool,
+    /// When the backend read the request (for the time to first token).
+    received: Instant,
 }
 
 impl GenerationRequest {
@@ -101,6 +106,8 @@ pub struct Generator {
     max_text_bytes: usize,
     use_cache: bool,
     limits: BatchLimits,
+    /// Where requests' generation is counted (none outside Triton).
+    metrics: Option<GenerationMetrics>,
 }
 
 impl Generator {
@@ -129,6 +136,7 @@ impl Generator {
             max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             use_cache: true,
             limits: DEFAULT_LIMITS,
+            metrics: None,
         })
     }
 
@@ -150,6 +158,15 @@ impl Generator {
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    pub fn with_metrics(mut self, metrics: Option<GenerationMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&GenerationMetrics> {
+        self.metrics.as_ref()
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -221,6 +238,7 @@ impl Generator {
             text_shape: text.shape.clone(),
             params,
             stream,
+            received: Instant::now(),
         };
         let (rows, reach) = (request.rows(), self.request_reach(&request));
         if !self.limits.admit(0, 0, rows, reach) {
@@ -302,6 +320,7 @@ impl Generator {
                 ..self.defaults.clone()
             },
             stream: false,
+            received: Instant::now(),
         };
         let responder = CollectingResponder::default();
         let collected = Arc::clone(&responder.collected);

@@ -1,11 +1,23 @@
 //! A prompt on its way through the running batch.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use rand_chacha::ChaCha8Rng;
 
 use super::params::GenerationParams;
 use super::text_stream::TextStream;
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The end-of-text token or a stop string.
+    Stop,
+    /// `max_new_tokens`, or the model's context.
+    Length,
+    /// Its request was cancelled, or failed.
+    Abort,
+}
 
 pub(super) struct Row<'g> {
     /// The request this prompt came from, and the prompt's index in it.
@@ -22,7 +34,10 @@ pub(super) struct Row<'g> {
     pub text: Option<TextStream<'g>>,
     /// Masked columns on the left of this row's part of the batch's cache.
     pub padding: usize,
-    pub finished: bool,
+    /// When its latest token was chosen.
+    pub last_token_at: Option<Instant>,
+    /// Set once the row has ended; it leaves the batch at the next settle.
+    pub finished: Option<FinishReason>,
 }
 
 impl Row<'_> {

@@ -76,7 +76,7 @@ fn run(
     outbox: Outbox,
 ) {
     let limits = generator.limits();
-    let mut batch = RunningBatch::new(generator, outbox);
+    let mut batch = RunningBatch::new(generator, outbox, generator.metrics());
     loop {
         let (mut rows, mut longest) = (batch.rows(), batch.longest_reach());
         // First come, first served: a request that does not fit yet holds the ones

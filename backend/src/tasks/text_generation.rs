@@ -18,6 +18,7 @@ use crate::generation::{
     DEFAULT_LIMITS, DEFAULT_MAX_PROMPTS, GENERATED_TEXT, GenerationRequest, Generator, MAX_PROMPTS,
     MAX_SEQUENCES, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
 };
+use crate::generation_metrics::GenerationMetrics;
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};
 use crate::settings::{
@@ -171,7 +172,14 @@ impl Task for TextGeneration {
         .with_limits(BatchLimits {
             max_sequences: decoder.max_sequences_in_flight,
             max_tokens: decoder.max_tokens_in_flight,
-        });
+        })
+        .with_metrics(
+            GenerationMetrics::new(model.name, model.version)
+                .inspect_err(|error| {
+                    crate::log_warn!("triton-rust: no generation metrics: {error}");
+                })
+                .ok(),
+        );
         Ok(TextGeneration {
             generator: Arc::new(generator),
             model: onnx,
