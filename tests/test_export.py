@@ -98,13 +98,14 @@ def install(
     source_version: str = "1",
     hf_config: dict | None = None,
     force: bool = False,
+    versions_served: int | None = 1,
 ) -> Path:
     """Lays out a committed model version into tmp_path/repository; returns the version dir."""
     exported = make_export(
         Path(tempfile.mkdtemp(prefix="export-", dir=tmp_path)), model, source_version, hf_config
     )
     target = layout.Target(tmp_path / "repository", model, version)
-    return layout.install(exported, target, MODELS[model].task, PROVENANCE, force)
+    return layout.install(exported, target, MODELS[model].task, PROVENANCE, force, versions_served)
 
 
 def read_manifest(version_dir: Path) -> dict:
@@ -192,13 +193,41 @@ def test_manifest_records_source_revision_hashes_and_date(tmp_path):
 )
 def test_config_is_the_example_config_with_this_exports_values(tmp_path, model, changed):
     """Same inputs, outputs (sizes from config.json), instances, parameters and warm-up
-    sample as the committed example config; only the labels and the explicit end-of-text
-    token differ."""
-    install(tmp_path, model)
+    sample as the committed example config (which serves all versions, for the A/B
+    routers); only the labels and the explicit end-of-text token differ."""
+    install(tmp_path, model, versions_served=None)
     written = (tmp_path / "repository" / model / "config.pbtxt").read_text(encoding="utf-8")
     example = (MODEL_REPOSITORY / model / "config.pbtxt").read_text(encoding="utf-8")
     assert pbtxt_body(written) == pbtxt_body(example)
     assert pbtxt_parameters(written) == {**pbtxt_parameters(example), **changed}
+
+
+@pytest.mark.parametrize("versions_served, policy", [
+    (1, "version_policy: { latest { num_versions: 1 } }"),
+    (3, "version_policy: { latest { num_versions: 3 } }"),
+    (None, "version_policy: { all { } }"),
+])
+def test_config_serves_the_newest_version_unless_asked(tmp_path, versions_served, policy):
+    """Every loaded version holds its own weights: by default only the newest one is
+    loaded, more on request (an A/B router over versions needs them)."""
+    install(tmp_path, ENCODER, versions_served=versions_served)
+    written = (tmp_path / "repository" / ENCODER / "config.pbtxt").read_text(encoding="utf-8")
+    assert [line for line in written.splitlines() if line.startswith("version_policy")] == [policy]
+    with pytest.raises(layout.LayoutError, match="at least 1"):
+        layout.version_policy(0)
+
+
+def test_the_default_export_serves_only_the_newest_version(tmp_path):
+    repository = tmp_path / "repository"
+    for version in ("1", "2"):
+        exported = make_export(tmp_path / f"export-{version}", CLASSIFIER, version)
+        done = run_export(CLASSIFIER, "--exported", str(exported), "--repository",
+                          str(repository), "--version", version)
+        assert done.returncode == 0, done.stderr
+    with running_server(repository, tmp_path / "tritonserver.log") as triton:
+        ready = {entry["version"] for entry in repository_index(triton)[CLASSIFIER]
+                 if entry.get("state") == "READY"}
+        assert ready == {"2"}, repository_index(triton)
 
 
 @pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, DECODER])
@@ -376,6 +405,8 @@ def test_command_line_lays_out_an_exported_directory(tmp_path):
         ([CLASSIFIER, ENCODER, "--source", "x"], "exactly one"),
         (["roberta-large"], "unknown model"),
         ([ENCODER, "--version", "0", "--exported", "."], "positive integer"),
+        ([ENCODER, "--versions-served", "0", "--exported", "."], "positive number or 'all'"),
+        ([ENCODER, "--versions-served", "latest", "--exported", "."], "positive number or 'all'"),
     ],
 )
 def test_command_line_rejects_bad_arguments(tmp_path, args, message):
@@ -395,7 +426,8 @@ def exported_server(tmp_path_factory):
     for model in (CLASSIFIER, ENCODER, DECODER):
         for version in ("1", "2"):
             exported = make_export(root / f"{model}-{version}", model, version)
-            args = ["--exported", str(exported), "--repository", str(repository)]
+            args = ["--exported", str(exported), "--repository", str(repository),
+                    "--versions-served", "all"]
             done = run_export(model, *args, "--version", version)
             assert done.returncode == 0, done.stderr
     with running_server(repository, root / "tritonserver.log") as triton:

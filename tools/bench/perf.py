@@ -53,8 +53,8 @@ def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] |
     if instances:
         shipped = next(line for line in config.splitlines() if line.startswith("instance_group"))
         config = config.replace(shipped, f"instance_group [ {instances} ]")
-    config = config.replace("version_policy: { all { } }",
-                            "version_policy: { specific { versions: [1] } }")
+    policy = next(line for line in config.splitlines() if line.startswith("version_policy:"))
+    config = config.replace(policy, "version_policy: { specific { versions: [1] } }")
     for key, value in (parameters or {}).items():
         config += f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
     (root / name / "1").mkdir(parents=True)

@@ -3,6 +3,7 @@
 
     python tools/export/export_models.py [MODEL ...] --repository DIR [--version N]
         [--source HUB_ID_OR_DIR] [--revision REV] [--force] [--exported DIR]
+        [--versions-served N|all]
 
 MODEL is one of (default: all three)
 
@@ -65,6 +66,15 @@ MODELS = {
 }
 
 
+def versions_served(value: str) -> int | None:
+    """--versions-served: a positive number, or "all" (None)."""
+    if value == "all":
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {value!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,6 +97,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--force",
         action="store_true",
         help="replace an existing version directory or a differing config.pbtxt",
+    )
+    parser.add_argument(
+        "--versions-served",
+        type=versions_served,
+        default=1,
+        metavar="N|all",
+        help="versions the config loads: the newest N, or all, as an A/B router over "
+        "versions needs (default: 1; each loaded version holds its own weights)",
     )
     parser.add_argument(
         "--exported",
@@ -229,7 +247,9 @@ def export(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
     target = layout.Target(args.repository, name, args.version)
     model, tokenizer = load_source(spec, source, args.revision)
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    files = layout.model_files(name, spec.task, model.config.to_dict(), tokenizer_json)
+    files = layout.model_files(
+        name, spec.task, model.config.to_dict(), tokenizer_json, args.versions_served
+    )
     layout.check_target(target, files, args.force)
     with tempfile.TemporaryDirectory(prefix=f"export-{name}-") as staging:
         staging = Path(staging)
@@ -242,7 +262,9 @@ def export(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
         # The hub commit that from_pretrained resolved; None for a local directory.
         revision = getattr(model.config, "_commit_hash", None) or args.revision
         provenance = layout.Provenance(source, revision, tool_versions())
-        version_dir = layout.install(staging, target, spec.task, provenance, args.force)
+        version_dir = layout.install(
+            staging, target, spec.task, provenance, args.force, args.versions_served
+        )
     print(f"{name}: wrote {version_dir}")
 
 
@@ -251,9 +273,10 @@ def lay_out(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
     target = layout.Target(args.repository, name, args.version)
     tools = {"python": platform.python_version()}
     provenance = layout.Provenance(source_id(args.source or spec.hub_id), args.revision, tools)
-    print(
-        f"{name}: wrote {layout.install(args.exported, target, spec.task, provenance, args.force)}"
+    version_dir = layout.install(
+        args.exported, target, spec.task, provenance, args.force, args.versions_served
     )
+    print(f"{name}: wrote {version_dir}")
 
 
 def main(argv=None) -> int:

@@ -86,9 +86,35 @@ _HEADER = """\
 name: {name}
 backend: "rust"
 max_batch_size: 0
-version_policy: {{ all {{ }} }}
+{policy_comment}version_policy: {policy}
 
 """
+
+_LATEST_COMMENT = """\
+# Only the newest version{s} {is_are} loaded: every loaded version holds its own weights, so
+# with real models each one more is another copy in memory. An A/B router over versions
+# needs them loaded: export with --versions-served all (or a number).
+"""
+
+_ALL_COMMENT = """\
+# Every version is loaded (for an A/B router over them); each holds its own weights.
+"""
+
+
+def version_policy(versions_served: int | None) -> tuple[str, str]:
+    """The version_policy value and its comment: the newest `versions_served` versions,
+    or every version (None)."""
+    if versions_served is None:
+        return "{ all { } }", _ALL_COMMENT
+    if versions_served < 1:
+        raise LayoutError(f"versions served must be at least 1, got {versions_served}")
+    return (
+        f"{{ latest {{ num_versions: {versions_served} }} }}",
+        _LATEST_COMMENT.format(
+            s="" if versions_served == 1 else f"s ({versions_served})",
+            is_are="is" if versions_served == 1 else "are",
+        ),
+    )
 
 _CLASSIFIER_IO = """\
 input [
@@ -318,9 +344,12 @@ def _queue(task: str) -> str:
     return _QUEUE.format(size=size, seconds=timeout_us // 1_000_000, timeout_us=timeout_us)
 
 
-def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> str:
+def render_config(
+    model: str, task: str, hf_config: dict, tokenizer: dict, versions_served: int | None = 1
+) -> str:
     """The config.pbtxt of `model`: the example configs' shape and warm-up, with the sizes,
-    labels, context length and end-of-text token of this export."""
+    labels, context length and end-of-text token of this export, serving the newest
+    `versions_served` versions (None: all)."""
     length = ("max_sequence_length", str(context_length(hf_config)))
     threads = ("intra_op_thread_count", "1")
     if task == "sentiment-classifier":
@@ -336,8 +365,9 @@ def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> st
         pairs = [("task", task), length, *_GENERATION_DEFAULTS, ("eos_token", eos), threads]
     else:
         raise LayoutError(f"unknown task {task!r}")
+    policy, policy_comment = version_policy(versions_served)
     return (
-        _HEADER.format(name=pbtxt_string(model))
+        _HEADER.format(name=pbtxt_string(model), policy=policy, policy_comment=policy_comment)
         + io
         + _INSTANCES[task]
         + _queue(task)
@@ -346,10 +376,12 @@ def render_config(model: str, task: str, hf_config: dict, tokenizer: dict) -> st
     )
 
 
-def model_files(model: str, task: str, hf_config: dict, tokenizer: dict) -> dict[str, bytes]:
+def model_files(
+    model: str, task: str, hf_config: dict, tokenizer: dict, versions_served: int | None = 1
+) -> dict[str, bytes]:
     """The files of the model directory that all its versions share, by path relative to
     it: config.pbtxt and the warm-up data it names."""
-    config_text = render_config(model, task, hf_config, tokenizer)
+    config_text = render_config(model, task, hf_config, tokenizer, versions_served)
     return {CONFIG: config_text.encode("utf-8"), WARMUP_FILE: warmup_data(task)}
 
 
@@ -434,16 +466,22 @@ def manifest(directory: Path, target: Target, task: str, provenance: Provenance)
 
 
 def install(
-    exported: Path, target: Target, task: str, provenance: Provenance, force: bool = False
+    exported: Path,
+    target: Target,
+    task: str,
+    provenance: Provenance,
+    force: bool = False,
+    versions_served: int | None = 1,
 ) -> Path:
-    """Lays out `exported` as `target` and returns the version directory.
+    """Lays out `exported` as `target` and returns the version directory; the config
+    serves the newest `versions_served` versions (None: all).
 
     The version is assembled in a hidden sibling directory and renamed into place, so an
     interrupted run leaves no half-written version behind (Triton ignores names that are
     not numbers).
     """
     hf_config, tokenizer = read_exported(exported)
-    files = model_files(target.model, task, hf_config, tokenizer)
+    files = model_files(target.model, task, hf_config, tokenizer, versions_served)
     check_target(target, files, force)
     target.model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{target.version}-", dir=target.model_dir))
