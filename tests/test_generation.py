@@ -577,9 +577,19 @@ def test_metadata(server):
     for version in VERSIONS:
         assert server.get(f"/v2/models/{MODEL}/versions/{version}/ready").status_code == 200
         metadata = server.get(f"/v2/models/{MODEL}/versions/{version}").json()
-        assert metadata["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
+        # text_input, then the optional inputs of Triton's vLLM backend (tests/test_llm_io.py).
+        assert metadata["inputs"] == [
+            {"name": "text_input", "datatype": "BYTES", "shape": [-1]},
+            {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1]},
+            *({"name": name, "datatype": "BOOL", "shape": [1]} for name in (
+                "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+                "return_num_output_tokens")),
+        ]
         assert metadata["outputs"] == [
-            {"name": "generated_text", "datatype": "BYTES", "shape": [-1]}
+            {"name": "generated_text", "datatype": "BYTES", "shape": [-1]},
+            {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]},
+            {"name": "num_input_tokens", "datatype": "UINT32", "shape": [-1]},
+            {"name": "num_output_tokens", "datatype": "UINT32", "shape": [-1]},
         ]
 
 

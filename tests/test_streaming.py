@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import load_reference
+from conftest import copy_models, load_reference, running_server
 
 MODEL = "gpt2-small-stream"
 # Version 1 of the streaming model has gpt2-small version 1's decoder files.
@@ -28,6 +28,20 @@ WHOLE_MODEL = "gpt2-small"
 REFERENCE = load_reference(WHOLE_MODEL)
 CASES = REFERENCE["versions"]["1"]
 GREEDY = {"do_sample": False, "max_new_tokens": REFERENCE["max_new_tokens"]}
+SHIPPED_TEXT_INPUT = '{ name: "text_input", data_type: TYPE_STRING, dims: [ 1 ] }'
+
+
+@pytest.fixture(scope="module")
+def several(tmp_path_factory):
+    """A server whose gpt2-small-stream declares text_input dims [ -1 ]: N prompts per
+    request (the shipped config takes one, as Triton's vLLM backend does)."""
+    repository = copy_models(tmp_path_factory.mktemp("repository"), WHOLE_MODEL, MODEL)
+    config = repository / MODEL / "config.pbtxt"
+    assert SHIPPED_TEXT_INPUT in config.read_text()
+    config.write_text(config.read_text().replace(
+        SHIPPED_TEXT_INPUT, SHIPPED_TEXT_INPUT.replace("[ 1 ]", "[ -1 ]")))
+    with running_server(repository, tmp_path_factory.mktemp("several") / "tritonserver.log") as triton:
+        yield triton
 
 
 @pytest.fixture(autouse=True)
@@ -156,9 +170,9 @@ def grpc_stream(server, inputs, parameters, timeout=60.0):
         client.close()
 
 
-def test_grpc_stream_of_several_prompts(server):
+def test_grpc_stream_of_several_prompts(several):
     prompts = [ref["prompt"] for ref in CASES]
-    responses, error = grpc_stream(server, [grpc_text(prompts)], GREEDY)
+    responses, error = grpc_stream(several, [grpc_text(prompts)], GREEDY)
     assert error is None, error
     assert len(responses) > 2
     assert all(len(r) == len(prompts) for r in responses)
@@ -183,16 +197,16 @@ def test_grpc_stream_rejects_a_bad_stream_input(server):
     assert "stream" in str(error)
 
 
-def test_multibyte_text_is_never_split(server):
+def test_multibyte_text_is_never_split(several):
     """Sampling over a byte-level vocabulary produces partial UTF-8 sequences; every
     piece still decodes strictly, and the pieces add up to the one-response text."""
     params = {"do_sample": True, "temperature": 1.5, "seed": 7, "max_new_tokens": 60}
     prompts = ["Grüße aus 東京 🎉", "naïve café — ok"]
-    responses, error = grpc_stream(server, [grpc_text(prompts)], params)
+    responses, error = grpc_stream(several, [grpc_text(prompts)], params)
     assert error is None, error
     flag = grpcclient.InferInput("stream", [1], "BOOL")
     flag.set_data_from_numpy(np.array([False]))
-    (whole,), error = grpc_stream(server, [grpc_text(prompts), flag], params)
+    (whole,), error = grpc_stream(several, [grpc_text(prompts), flag], params)
     assert error is None, error
     for i, prompt in enumerate(prompts):
         assert prompt + "".join(r[i] for r in responses) == whole[i]
@@ -230,9 +244,9 @@ def assert_abandoned_early(server, abandon) -> None:
     assert error is None and responses, error
 
 
-def test_cancelled_stream_stops_within_a_step_and_frees_the_instance(server):
+def test_cancelled_stream_stops_within_a_step_and_frees_the_instance(several):
     def cancel_grpc_stream():
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client = grpcclient.InferenceServerClient(several.grpc_url)
         answers: queue.Queue = queue.Queue()
         client.start_stream(
             callback=partial(lambda q, result, error: q.put((result, error)), answers)
@@ -244,16 +258,16 @@ def test_cancelled_stream_stops_within_a_step_and_frees_the_instance(server):
         client.stop_stream(cancel_requests=True)
         client.close()
 
-    assert_abandoned_early(server, cancel_grpc_stream)
+    assert_abandoned_early(several, cancel_grpc_stream)
 
 
-def test_sse_client_that_goes_away_stops_the_generation(server):
+def test_sse_client_that_goes_away_stops_the_generation(several):
     """Closing the generate_stream connection cancels the request: the backend sees it
     within a decode step, as with gRPC."""
 
     def close_sse_connection():
         body = json.dumps({"text_input": LONG_PROMPTS, "parameters": LONG_JOB}).encode()
-        with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        with socket.create_connection(("127.0.0.1", several.http_port)) as connection:
             connection.sendall(
                 b"POST " + MODEL_PATH.encode() + b"/generate_stream HTTP/1.1\r\n"
                 b"Host: localhost\r\nContent-Type: application/json\r\n"
@@ -262,4 +276,12 @@ def test_sse_client_that_goes_away_stops_the_generation(server):
             )
             assert b"text/event-stream" in connection.recv(4096)  # under way
 
-    assert_abandoned_early(server, close_sse_connection)
+    assert_abandoned_early(several, close_sse_connection)
+
+
+def test_the_shipped_stream_takes_one_prompt_per_request(server):
+    """As Triton's vLLM backend: text_input [1]. Two prompts are Triton's own clear
+    refusal; the `several` copy above shows dims [ -1 ] lifting it."""
+    response = server.post(f"{MODEL_PATH}/generate", {"text_input": ["a", "b"], "stream": False})
+    assert response.status_code == 400, response.text
+    assert "text_input" in response.text and "shape" in response.text, response.text

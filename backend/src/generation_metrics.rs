@@ -17,7 +17,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::generation::FinishReason;
+use crate::generation::llm_io::finish_reason_name;
+use crate::generation::{FinishReason, GenerationObserver};
 use crate::triton::{Error, Metric, MetricFamily, MetricKind};
 
 /// Time to first token, in seconds: from a tiny model's millisecond to a long prompt on
@@ -92,14 +93,6 @@ pub struct GenerationMetrics {
     running: Metric,
 }
 
-fn reason_label(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Abort => "abort",
-    }
-}
-
 fn reason_slot(reason: FinishReason) -> usize {
     match reason {
         FinishReason::Stop => 0,
@@ -117,7 +110,7 @@ impl GenerationMetrics {
             families.finished.metric(&[
                 ("model", model),
                 ("version", version.as_str()),
-                ("finished_reason", reason_label(reason)),
+                ("finished_reason", finish_reason_name(Some(reason))),
             ])
         };
         Ok(Self {
@@ -135,29 +128,26 @@ impl GenerationMetrics {
             running: families.running.metric(&labels)?,
         })
     }
+}
 
-    /// Sequences joined the running batch with `prompt_tokens` tokens in all.
-    pub fn joined(&self, sequences: usize, prompt_tokens: usize) {
+impl GenerationObserver for GenerationMetrics {
+    fn joined(&self, sequences: usize, prompt_tokens: usize) {
         warn_on(self.prompt_tokens.increment(prompt_tokens as f64));
         warn_on(self.running.increment(sequences as f64));
     }
 
-    /// A request's first token came `after` the backend received it.
-    pub fn first_token(&self, after: Duration) {
+    fn first_token(&self, after: Duration) {
         warn_on(self.first_token.observe(after.as_secs_f64()));
     }
 
-    /// A sequence made a token; `gap`: the time since its previous one (none for its
-    /// first).
-    pub fn token(&self, gap: Option<Duration>) {
+    fn token(&self, gap: Option<Duration>) {
         warn_on(self.generation_tokens.increment(1.0));
         if let Some(gap) = gap {
             warn_on(self.token_gap.observe(gap.as_secs_f64()));
         }
     }
 
-    /// A sequence left the running batch: it ended for `reason`, or failed (`None`).
-    pub fn left(&self, reason: Option<FinishReason>) {
+    fn left(&self, reason: Option<FinishReason>) {
         if let Some(reason) = reason {
             warn_on(self.finished[reason_slot(reason)].increment(1.0));
         }

@@ -17,6 +17,9 @@ pub struct UnsupportedInput {
     datatype: String,
 }
 
+/// The input the texts go into when it is optional.
+const TEXT_INPUT: &str = "text_input";
+
 /// What goes into every request.
 #[derive(Debug, Clone)]
 pub struct Payload {
@@ -31,7 +34,10 @@ impl Payload {
         let inputs = spec
             .inputs
             .iter()
-            .filter(|input| !input.optional || input.datatype == "BYTES")
+            // Optional inputs stay out, but for the texts' own input (an encoder's
+            // text_input beside its optional input_ids); a generation model's optional
+            // sampling_parameters is JSON, not text.
+            .filter(|input| !input.optional || input.name == TEXT_INPUT)
             .map(|input| {
                 let is_text = input.datatype == "BYTES";
                 let mut texts_placed = !is_text;
@@ -105,12 +111,13 @@ mod tests {
     }
 
     #[test]
-    fn texts_fill_the_first_variable_dimension_and_optional_non_texts_are_left_out() {
+    fn texts_fill_the_first_variable_dimension_and_other_optional_inputs_are_left_out() {
         let spec = ModelSpec {
             name: "gpt2-small-stream-ab".into(),
             inputs: vec![
                 input("text_input", "BYTES", &[-1], false),
                 input("stream", "BOOL", &[1], true),
+                input("sampling_parameters", "BYTES", &[1], true),
                 input("input_ids", "INT64", &[-1], true),
             ],
             ..Default::default()

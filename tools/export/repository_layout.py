@@ -140,10 +140,18 @@ output [
 
 _GENERATION_IO = """\
 input [
-  { name: "text_input", data_type: TYPE_STRING, dims: [ -1 ] }
+  { name: "text_input", data_type: TYPE_STRING, dims: [ -1 ] },
+  { name: "sampling_parameters", data_type: TYPE_STRING, dims: [ 1 ], optional: true },
+  { name: "exclude_input_in_output", data_type: TYPE_BOOL, dims: [ 1 ], optional: true },
+  { name: "return_finish_reason", data_type: TYPE_BOOL, dims: [ 1 ], optional: true },
+  { name: "return_num_input_tokens", data_type: TYPE_BOOL, dims: [ 1 ], optional: true },
+  { name: "return_num_output_tokens", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }
 ]
 output [
-  { name: "generated_text", data_type: TYPE_STRING, dims: [ -1 ] }
+  { name: "generated_text", data_type: TYPE_STRING, dims: [ -1 ] },
+  { name: "finish_reason", data_type: TYPE_STRING, dims: [ -1 ] },
+  { name: "num_input_tokens", data_type: TYPE_UINT32, dims: [ -1 ] },
+  { name: "num_output_tokens", data_type: TYPE_UINT32, dims: [ -1 ] }
 ]
 """
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use triton_rust::bytes_tensor;
 use triton_rust::generation::batch::generate_all;
 use triton_rust::generation::decoder::DecoderBinding;
+use triton_rust::generation::llm_io::ResponseOptions;
 use triton_rust::generation::params::GenerationParams;
 use triton_rust::generation::{GENERATED_TOKENS, GenerationRequest, Generator};
 use triton_rust::onnx::{self, Device, OnnxRuntimeLibrary, SessionOptions};
@@ -63,7 +64,7 @@ fn request(generator: &Generator, batch: usize, new_tokens: usize) -> Generation
         ),
     ];
     generator
-        .prepare(&text, None, &parameters)
+        .prepare(&text, None, &parameters, ResponseOptions::default())
         .expect("a valid benchmark request")
 }
 

@@ -17,12 +17,12 @@ use rand_chacha::rand_core::SeedableRng;
 use super::cache_rows::plan_merge;
 use super::decoder::DecoderBinding;
 use super::delivery::{Letter, Outbox, Recipient};
+use super::llm_io::{ResponseOptions, final_outputs};
 use super::params::GenerationParams;
-use super::row::{FinishReason, Row};
+use super::row::{FinishReason, GenerationObserver, Row};
 use super::text_stream::TextStream;
 use super::{GenerationRequest, Generator};
 use crate::error::BackendError;
-use crate::generation_metrics::GenerationMetrics;
 use crate::responder::{Pending, Responder};
 
 /// A request whose rows are running.
@@ -37,6 +37,11 @@ struct Active {
     /// Rows still running.
     running: usize,
     generated_tokens: usize,
+    options: ResponseOptions,
+    /// Per prompt, once its row has ended: why, its prompt's tokens and its new ones.
+    reasons: Vec<Option<FinishReason>>,
+    input_tokens: Vec<usize>,
+    output_tokens: Vec<usize>,
 }
 
 /// What the decoder is fed for some rows in one run.
@@ -65,14 +70,14 @@ pub struct RunningBatch<'g> {
     width: usize,
     outbox: Outbox,
     /// Where the batch's work is counted (not for the load-time probe).
-    metrics: Option<&'g GenerationMetrics>,
+    metrics: Option<&'g dyn GenerationObserver>,
 }
 
 impl<'g> RunningBatch<'g> {
     pub(super) fn new(
         generator: &'g Generator,
         outbox: Outbox,
-        metrics: Option<&'g GenerationMetrics>,
+        metrics: Option<&'g dyn GenerationObserver>,
     ) -> Self {
         RunningBatch {
             generator,
@@ -177,6 +182,7 @@ impl<'g> RunningBatch<'g> {
             params,
             stream,
             received: _,
+            options,
         } = request;
         let params = Arc::new(params);
         let decodes = stream || !params.stop.is_empty();
@@ -203,6 +209,10 @@ impl<'g> RunningBatch<'g> {
             Active {
                 texts: vec![None; prompts.len()],
                 running: prompts.len(),
+                options,
+                reasons: vec![None; prompts.len()],
+                input_tokens: vec![0; prompts.len()],
+                output_tokens: vec![0; prompts.len()],
                 prompts,
                 text_shape,
                 stream,
@@ -384,6 +394,7 @@ impl<'g> RunningBatch<'g> {
                 to: Arc::clone(&active.recipient),
                 text: self.generator.text_tensor(&active.text_shape, &pieces),
                 generated_tokens: None,
+                outputs: Vec::new(),
             });
         }
     }
@@ -453,10 +464,19 @@ impl<'g> RunningBatch<'g> {
         };
         active.running = active.running.saturating_sub(1);
         active.generated_tokens += row.generated.len();
+        if let Some(slot) = active.reasons.get_mut(row.index) {
+            *slot = row.finished;
+            active.input_tokens[row.index] = row.prompt.len();
+            active.output_tokens[row.index] = row.generated.len();
+        }
         if !active.recipient.is_broken() {
-            let text =
-                self.generator
-                    .final_text(&row, &active.prompts, &active.params, active.stream);
+            let text = self.generator.final_text(
+                &row,
+                &active.prompts,
+                &active.params,
+                active.stream,
+                active.options.exclude_input,
+            );
             match text {
                 Ok(text) => active.texts[row.index] = Some(text),
                 Err(error) => active.recipient.fail(&error),
@@ -478,6 +498,13 @@ impl<'g> RunningBatch<'g> {
             .collect();
         self.outbox.post(Letter {
             text: self.generator.text_tensor(&active.text_shape, &texts),
+            outputs: final_outputs(
+                active.options,
+                &active.text_shape,
+                &active.reasons,
+                &active.input_tokens,
+                &active.output_tokens,
+            ),
             to: active.recipient,
             generated_tokens: Some(active.generated_tokens),
         });

@@ -57,6 +57,9 @@ impl Recipient {
             .map(|tokens| ParameterValue::Int(i64::try_from(tokens).unwrap_or(i64::MAX)));
         let sent = responder.respond(letter.generated_tokens.is_some(), &mut |writer| {
             writer.tensor(&letter.text)?;
+            for output in &letter.outputs {
+                writer.tensor(output)?;
+            }
             match &tokens {
                 Some(tokens) => writer.parameter(GENERATED_TOKENS, tokens),
                 None => Ok(()),
@@ -75,6 +78,8 @@ pub(super) struct Letter {
     pub text: OutputTensor,
     /// Set on the final response: new tokens made for all the request's prompts.
     pub generated_tokens: Option<usize>,
+    /// More outputs of the final response (see `llm_io`).
+    pub outputs: Vec<OutputTensor>,
 }
 
 /// Where the decode loop posts responses: to the delivery thread, or (for a probe run

@@ -16,9 +16,10 @@ pub mod batch;
 pub mod cache_rows;
 pub mod decoder;
 mod delivery;
+pub mod llm_io;
 pub mod params;
 mod row;
-pub use row::FinishReason;
+pub use row::{FinishReason, GenerationObserver};
 pub mod sampler_graphs;
 pub mod scheduler;
 mod text_stream;
@@ -31,12 +32,12 @@ use tokenizers::Tokenizer;
 
 use crate::bytes_tensor;
 use crate::error::BackendError;
-use crate::generation_metrics::GenerationMetrics;
 use crate::responder::{CollectingResponder, Pending};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
 use crate::types::{DataType, InputTensor, OutputTensor, ParameterValue};
 use decoder::DecoderBinding;
+use llm_io::{ResponseOptions, read_flag};
 use params::{GenerationParams, as_bool};
 use row::Row;
 use scheduler::BatchLimits;
@@ -86,6 +87,7 @@ pub struct GenerationRequest {
     stream: bool,
     /// When the backend read the request (for the time to first token).
     received: Instant,
+    options: ResponseOptions,
 }
 
 impl GenerationRequest {
@@ -106,8 +108,6 @@ pub struct Generator {
     max_text_bytes: usize,
     use_cache: bool,
     limits: BatchLimits,
-    /// Where requests' generation is counted (none outside Triton).
-    metrics: Option<GenerationMetrics>,
 }
 
 impl Generator {
@@ -136,7 +136,6 @@ impl Generator {
             max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             use_cache: true,
             limits: DEFAULT_LIMITS,
-            metrics: None,
         })
     }
 
@@ -158,15 +157,6 @@ impl Generator {
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
         self.limits = limits;
         self
-    }
-
-    pub fn with_metrics(mut self, metrics: Option<GenerationMetrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    pub fn metrics(&self) -> Option<&GenerationMetrics> {
-        self.metrics.as_ref()
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -191,6 +181,7 @@ impl Generator {
         text: &InputTensor,
         stream: Option<&InputTensor>,
         parameters: &[(String, ParameterValue)],
+        options: ResponseOptions,
     ) -> Result<GenerationRequest, BackendError> {
         let prompts = read_texts(text, self.max_text_bytes)?;
         if prompts.is_empty() {
@@ -208,7 +199,7 @@ impl Generator {
         }
         // The `stream` input wins over a `stream` request parameter (the older convention).
         let wanted = match stream {
-            Some(flag) => Some(read_stream_flag(flag)?),
+            Some(flag) => Some(read_flag(STREAM_INPUT, flag)?),
             None => parameters
                 .iter()
                 .find(|(key, _)| key == STREAM_INPUT)
@@ -239,6 +230,7 @@ impl Generator {
             params,
             stream,
             received: Instant::now(),
+            options,
         };
         let (rows, reach) = (request.rows(), self.request_reach(&request));
         if !self.limits.admit(0, 0, rows, reach) {
@@ -321,6 +313,7 @@ impl Generator {
             },
             stream: false,
             received: Instant::now(),
+            options: ResponseOptions::default(),
         };
         let responder = CollectingResponder::default();
         let collected = Arc::clone(&responder.collected);
@@ -352,6 +345,7 @@ impl Generator {
         prompts: &[String],
         params: &GenerationParams,
         stream: bool,
+        exclude_input: bool,
     ) -> Result<String, BackendError> {
         let full = self.decode(&row.generated)?;
         let continuation = cut_at_stop(&full, &params.stop);
@@ -360,6 +354,8 @@ impl Generator {
                 .as_ref()
                 .map_or(continuation, |text| text.unsent_part_of(continuation))
                 .to_owned()
+        } else if exclude_input {
+            continuation.to_owned()
         } else {
             let prompt = prompts.get(row.index).map_or("", String::as_str);
             format!("{prompt}{continuation}")
@@ -377,20 +373,5 @@ impl Generator {
             shape: shape.to_vec(),
             data: bytes_tensor::encode_elements(texts),
         }
-    }
-}
-
-/// Reads the one-element BOOL `stream` input.
-fn read_stream_flag(flag: &InputTensor) -> Result<bool, BackendError> {
-    match (flag.datatype, &flag.data[..]) {
-        (DataType::Bool, [value]) => Ok(*value != 0),
-        (DataType::Bool, _) => Err(BackendError::InvalidInput(format!(
-            "input '{STREAM_INPUT}' must hold one value, got shape {:?}",
-            flag.shape
-        ))),
-        (other, _) => Err(BackendError::InvalidInput(format!(
-            "input '{STREAM_INPUT}' must be BOOL, not {}",
-            other.name()
-        ))),
     }
 }

@@ -1,7 +1,7 @@
 //! A prompt on its way through the running batch.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha8Rng;
 
@@ -17,6 +17,19 @@ pub enum FinishReason {
     Length,
     /// Its request was cancelled, or failed.
     Abort,
+}
+
+/// What a running batch reports as it goes (Triton's metrics, in the server).
+pub trait GenerationObserver: Send + Sync {
+    /// Sequences joined the running batch with `prompt_tokens` tokens in all.
+    fn joined(&self, sequences: usize, prompt_tokens: usize);
+    /// A request's first token came `after` the backend received it.
+    fn first_token(&self, after: Duration);
+    /// A sequence made a token; `gap`: the time since its previous one (none for its
+    /// first).
+    fn token(&self, gap: Option<Duration>);
+    /// A sequence left the running batch: it ended for `reason`, or failed (`None`).
+    fn left(&self, reason: Option<FinishReason>);
 }
 
 pub(super) struct Row<'g> {

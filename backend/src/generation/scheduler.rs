@@ -10,7 +10,7 @@ use ort::session::Session;
 use super::batch::RunningBatch;
 use super::decoder::DecoderBinding;
 use super::delivery::Outbox;
-use super::{GenerationRequest, Generator};
+use super::{GenerationObserver, GenerationRequest, Generator};
 use crate::error::{BackendError, panic_message};
 use crate::responder::Pending;
 use crate::work_queue::{Intake, QueueWorker};
@@ -48,12 +48,20 @@ impl DecodeLoop {
         generator: Arc<Generator>,
         mut session: Session,
         mut binding: DecoderBinding,
+        metrics: Option<Arc<dyn GenerationObserver>>,
     ) -> Result<Self, BackendError> {
         let outbox = Outbox::threaded(instance)?;
         // About one full batch waits here; the rest in Triton's queue.
         let capacity = generator.limits().max_sequences;
         let worker = QueueWorker::start(format!("decode {instance}"), capacity, move |queue| {
-            run(&generator, &mut session, &mut binding, queue, outbox)
+            run(
+                &generator,
+                &mut session,
+                &mut binding,
+                queue,
+                outbox,
+                metrics.as_deref(),
+            )
         })?;
         Ok(DecodeLoop { worker })
     }
@@ -74,9 +82,10 @@ fn run(
     binding: &mut DecoderBinding,
     queue: &Intake<Pending<GenerationRequest>>,
     outbox: Outbox,
+    metrics: Option<&dyn GenerationObserver>,
 ) {
     let limits = generator.limits();
-    let mut batch = RunningBatch::new(generator, outbox, generator.metrics());
+    let mut batch = RunningBatch::new(generator, outbox, metrics);
     loop {
         let (mut rows, mut longest) = (batch.rows(), batch.longest_reach());
         // First come, first served: a request that does not fit yet holds the ones

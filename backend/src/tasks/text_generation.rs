@@ -12,11 +12,16 @@ use super::task::{
 };
 use crate::error::BackendError;
 use crate::generation::decoder::DecoderBinding;
+use crate::generation::llm_io::{
+    self, EXCLUDE_INPUT_IN_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS,
+    RETURN_FINISH_REASON, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS, ResponseOptions,
+    SAMPLING_PARAMETERS,
+};
 use crate::generation::params::{ConfigDefaults, GenerationParams};
 use crate::generation::scheduler::{BatchLimits, DecodeLoop};
 use crate::generation::{
-    DEFAULT_LIMITS, DEFAULT_MAX_PROMPTS, GENERATED_TEXT, GenerationRequest, Generator, MAX_PROMPTS,
-    MAX_SEQUENCES, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
+    DEFAULT_LIMITS, DEFAULT_MAX_PROMPTS, GENERATED_TEXT, GenerationObserver, GenerationRequest,
+    Generator, MAX_PROMPTS, MAX_SEQUENCES, ResponseMode, STREAM_INPUT, TEXT_OUTPUT,
 };
 use crate::generation_metrics::GenerationMetrics;
 use crate::memory;
@@ -28,33 +33,67 @@ use crate::text::TEXT_INPUT;
 use crate::tokenize::{DEFAULT_MAX_SEQUENCE_LENGTH, TOKENIZER_FILE, load_tokenizer};
 use crate::types::MemoryUsage;
 
-const WHOLE_INPUTS: &[Contract] = &[Contract {
-    name: TEXT_INPUT,
-    data_type: "TYPE_STRING",
-    required: true,
-}];
-const WHOLE_OUTPUTS: &[Contract] = &[Contract {
-    name: GENERATED_TEXT,
-    data_type: "TYPE_STRING",
-    required: true,
-}];
-const STREAMING_INPUTS: &[Contract] = &[
+/// A required tensor.
+const fn required(name: &'static str, data_type: &'static str) -> Contract {
     Contract {
-        name: TEXT_INPUT,
-        data_type: "TYPE_STRING",
+        name,
+        data_type,
         required: true,
-    },
+    }
+}
+
+/// An optional tensor.
+const fn optional(name: &'static str, data_type: &'static str) -> Contract {
     Contract {
-        name: STREAM_INPUT,
-        data_type: "TYPE_BOOL",
+        name,
+        data_type,
         required: false,
-    },
+    }
+}
+
+/// The inputs of Triton's vLLM backend besides the text, served by both kinds of model.
+const LLM_INPUTS: [Contract; 5] = [
+    optional(SAMPLING_PARAMETERS, "TYPE_STRING"),
+    optional(EXCLUDE_INPUT_IN_OUTPUT, "TYPE_BOOL"),
+    optional(RETURN_FINISH_REASON, "TYPE_BOOL"),
+    optional(RETURN_NUM_INPUT_TOKENS, "TYPE_BOOL"),
+    optional(RETURN_NUM_OUTPUT_TOKENS, "TYPE_BOOL"),
 ];
-const STREAMING_OUTPUTS: &[Contract] = &[Contract {
-    name: TEXT_OUTPUT,
-    data_type: "TYPE_STRING",
-    required: true,
-}];
+const LLM_OUTPUTS: [Contract; 3] = [
+    optional(FINISH_REASON, "TYPE_STRING"),
+    optional(NUM_INPUT_TOKENS, "TYPE_UINT32"),
+    optional(NUM_OUTPUT_TOKENS, "TYPE_UINT32"),
+];
+
+const WHOLE_INPUTS: &[Contract] = &[
+    required(TEXT_INPUT, "TYPE_STRING"),
+    LLM_INPUTS[0],
+    LLM_INPUTS[1],
+    LLM_INPUTS[2],
+    LLM_INPUTS[3],
+    LLM_INPUTS[4],
+];
+const WHOLE_OUTPUTS: &[Contract] = &[
+    required(GENERATED_TEXT, "TYPE_STRING"),
+    LLM_OUTPUTS[0],
+    LLM_OUTPUTS[1],
+    LLM_OUTPUTS[2],
+];
+const STREAMING_INPUTS: &[Contract] = &[
+    required(TEXT_INPUT, "TYPE_STRING"),
+    optional(STREAM_INPUT, "TYPE_BOOL"),
+    LLM_INPUTS[0],
+    LLM_INPUTS[1],
+    LLM_INPUTS[2],
+    LLM_INPUTS[3],
+    LLM_INPUTS[4],
+];
+const STREAMING_OUTPUTS: &[Contract] = &[
+    required(TEXT_OUTPUT, "TYPE_STRING"),
+    LLM_OUTPUTS[0],
+    LLM_OUTPUTS[1],
+    LLM_OUTPUTS[2],
+];
 
 fn default_max_prompts() -> usize {
     DEFAULT_MAX_PROMPTS
@@ -113,6 +152,8 @@ pub struct GenerationInstance {
 pub struct TextGeneration {
     generator: Arc<Generator>,
     model: OnnxModel,
+    /// The version's generation metrics, shared by its decode loops.
+    metrics: Option<Arc<dyn GenerationObserver>>,
 }
 
 impl Task for TextGeneration {
@@ -172,17 +213,15 @@ impl Task for TextGeneration {
         .with_limits(BatchLimits {
             max_sequences: decoder.max_sequences_in_flight,
             max_tokens: decoder.max_tokens_in_flight,
-        })
-        .with_metrics(
-            GenerationMetrics::new(model.name, model.version)
-                .inspect_err(|error| {
-                    crate::log_warn!("triton-rust: no generation metrics: {error}");
-                })
-                .ok(),
-        );
+        });
+        let metrics = GenerationMetrics::new(model.name, model.version)
+            .inspect_err(|error| crate::log_warn!("triton-rust: no generation metrics: {error}"))
+            .ok()
+            .map(|metrics| Arc::new(metrics) as Arc<dyn GenerationObserver>);
         Ok(TextGeneration {
             generator: Arc::new(generator),
             model: onnx,
+            metrics,
         })
     }
 
@@ -200,6 +239,7 @@ impl Task for TextGeneration {
                 Arc::clone(&self.generator),
                 session,
                 binding,
+                self.metrics.clone(),
             )?,
             device: instance.device,
         })
@@ -210,8 +250,25 @@ impl Task for TextGeneration {
             BackendError::InvalidInput(format!("input '{TEXT_INPUT}' is required"))
         })?;
         let stream = request.inputs.remove(STREAM_INPUT);
+        let parameters = match request.inputs.remove(SAMPLING_PARAMETERS) {
+            Some(sampling) => {
+                llm_io::merge(&request.parameters, llm_io::sampling_parameters(&sampling)?)?
+            }
+            None => request.parameters,
+        };
+        let mut flag = |name: &str| match request.inputs.remove(name) {
+            Some(input) => llm_io::read_flag(name, &input),
+            None => Ok(false),
+        };
+        let wanted = |output: &str| request.requested_outputs.iter().any(|o| o == output);
+        let options = ResponseOptions {
+            exclude_input: flag(EXCLUDE_INPUT_IN_OUTPUT)?,
+            finish_reason: flag(RETURN_FINISH_REASON)? && wanted(FINISH_REASON),
+            input_tokens: flag(RETURN_NUM_INPUT_TOKENS)? && wanted(NUM_INPUT_TOKENS),
+            output_tokens: flag(RETURN_NUM_OUTPUT_TOKENS)? && wanted(NUM_OUTPUT_TOKENS),
+        };
         self.generator
-            .prepare(&text, stream.as_ref(), &request.parameters)
+            .prepare(&text, stream.as_ref(), &parameters, options)
     }
 
     fn rows(request: &GenerationRequest) -> usize {
