@@ -14,13 +14,14 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from tritonclient.utils import serialize_byte_tensor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO_ROOT / "model-repository"
@@ -223,9 +224,11 @@ def load_reference(model: str) -> dict:
 
 
 def bytes_tensor(*elements: bytes) -> bytes:
-    """Elements serialized as Triton's BYTES tensor: a 4-byte little-endian length, then
-    the bytes, per element."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+    """Elements serialized as Triton's BYTES tensor (tritonclient's own serializer: a
+    4-byte little-endian length, then the bytes, per element)."""
+    if not elements:
+        return b""
+    return serialize_byte_tensor(np.array(elements, dtype=object)).item()
 
 
 def text_input(texts, name: str = "text_input", shape=None) -> dict:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from conftest import error_message, text_input
+from conftest import bytes_tensor, error_message, text_input
 
 CORPUS = json.loads((Path(__file__).parent / "corpus" / "bad_inputs.json").read_text())
 GROUPS = {
@@ -56,7 +56,7 @@ def raw(spec: dict) -> bytes:
         return bytes.fromhex(spec["hex"])
     values = elements(spec)
     if spec["datatype"] == "BYTES":
-        return b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in values)
+        return bytes_tensor(*(t.encode() for t in values))
     code = {"INT64": "q", "INT32": "i"}[spec["datatype"]]
     return struct.pack(f"<{len(values)}{code}", *values)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.utils import serialize_byte_tensor
 from conftest import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -244,11 +245,11 @@ def test_warmup_file_is_the_example_warmup_file(tmp_path, model):
     assert stat.S_IMODE(written.parent.stat().st_mode) & 0o555 == 0o555
 
 
-def test_bytes_tensor_is_length_prefixed_utf8():
+def test_bytes_tensor_is_tritonclients_serialization():
     assert layout.bytes_tensor([]) == b""
-    assert layout.bytes_tensor(["ab", "", "é"]) == (
-        b"\x02\x00\x00\x00ab" + b"\x00\x00\x00\x00" + b"\x02\x00\x00\x00\xc3\xa9"
-    )
+    for texts in (["ab", "", "é"], ["What a wonderful day to warm up a model!", "Not great."]):
+        expected = serialize_byte_tensor(np.array([t.encode() for t in texts], dtype=object))
+        assert layout.bytes_tensor(texts) == expected.item()
 
 
 def test_context_length_and_sizes_come_from_config_json(tmp_path):

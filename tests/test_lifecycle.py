@@ -24,7 +24,6 @@ import json
 import re
 import shutil
 import statistics
-import struct
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from tritonclient.utils import deserialize_bytes_tensor
 
 from conftest import (
     bytes_tensor,
@@ -61,15 +61,9 @@ VOCAB_ENTRY_OVERHEAD = 24 + 4
 
 
 def read_bytes_tensor(data: bytes) -> list[bytes]:
-    elements, offset = [], 0
-    while offset < len(data):
-        assert offset + 4 <= len(data), "truncated length prefix"
-        (length,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        assert offset + length <= len(data), "length past the end"
-        elements.append(data[offset : offset + length])
-        offset += length
-    return elements
+    """A BYTES tensor's elements (tritonclient's deserializer, which refuses a truncated
+    one)."""
+    return list(deserialize_bytes_tensor(data))
 
 
 def warmup_samples(config: str) -> list[tuple[int, str]]:

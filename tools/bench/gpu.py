@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, tritonserver
+from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, text_only_data, tritonserver
 
 MODELS = {"sentiment-classifier": "This is a great day!", "gpt2-small": "Once upon a time"}
 CONCURRENCY = (1, 8)
@@ -67,7 +67,7 @@ def main() -> int:
         url = f"127.0.0.1:{server['grpc']}"
         for round_index in range(rounds):
             for model, text in MODELS.items():
-                data = ["--string-data", text, "--shape", "text_input:1"]
+                data = text_only_data(workdir, text)
                 for concurrency in CONCURRENCY:
                     pair = (model, model + GPU)
                     for name in pair if round_index % 2 == 0 else pair[::-1]:

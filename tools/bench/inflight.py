@@ -20,7 +20,6 @@ Prints Markdown tables for BENCHMARKS.md.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import real_size
-from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, tritonserver
+from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, text_only_data, tritonserver
 
 SERIAL = "-serial"
 PROMPT = "Once upon a time"
@@ -75,9 +74,7 @@ def main() -> int:
     interval = int(os.environ.get("BENCH_INTERVAL_MS", "4000"))
     cases = [*SHIPPED, *([REAL_SIZE] if os.environ.get("BENCH_REAL_SIZE") == "1" else [])]
     workdir = Path(tempfile.mkdtemp(prefix="bench-inflight-"))
-    data_file = workdir / "input.json"
-    data_file.write_text(json.dumps({"data": [{"text_input": {"content": [PROMPT], "shape": [1]}}]}))
-    data = ["--input-data", str(data_file), "-x", "1"]
+    data = [*text_only_data(workdir, PROMPT), "-x", "1"]
     results: dict[tuple[str, int], list[dict]] = {}
     with tritonserver(repository(workdir, cases), workdir) as server:
         url = f"127.0.0.1:{server['grpc']}"

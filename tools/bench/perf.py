@@ -64,6 +64,15 @@ def model_copy(source: Path, root: Path, name: str, parameters: dict[str, str] |
     (root / name / "config.pbtxt").write_text(config)
 
 
+def text_only_data(workdir: Path, text: str) -> list[str]:
+    """perf_analyzer arguments that send `text` as text_input [1] and no other input:
+    --string-data would also fill the optional inputs (a generation model's
+    sampling_parameters, which must be JSON)."""
+    path = workdir / f"text-input-{abs(hash(text))}.json"
+    path.write_text(json.dumps({"data": [{"text_input": {"content": [text], "shape": [1]}}]}))
+    return ["--input-data", str(path)]
+
+
 def perf_analyzer(model: str, protocol: str, url: str, concurrency: int, workdir: Path,
                   data_args, interval_ms: int = 3000, streaming: bool = False) -> dict:
     """One perf_analyzer measurement: infer/s, p50 and p99 latency (ms), and the

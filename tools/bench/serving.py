@@ -35,7 +35,7 @@ from pathlib import Path
 import requests
 
 import real_size
-from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, tritonserver
+from perf import REPO_ROOT, model_copy, perf_analyzer, stability_note, text_only_data, tritonserver
 
 TEXT = "This is a great day!"
 PROMPT = "Once upon a time"
@@ -52,7 +52,7 @@ class Pair:
     ours: str
     peer_code: str  # the peer's directory under tools/bench/python_peer
     task: str
-    data: tuple[str, ...]  # what each request carries, as perf_analyzer arguments
+    text: str  # what each request carries: one text as text_input [1]
     real_size: bool = False
     interval_ms: int | None = None  # the measurement window, where the default is short
     new_tokens: int | None = None  # the config's max_new_tokens, where not the shipped 50
@@ -67,16 +67,14 @@ class Pair:
         return "1" if self.real_size else "2"
 
 
-CLASSIFIER_DATA = ("--string-data", TEXT, "--shape", "text_input:1")
-GENERATION_DATA = ("--string-data", PROMPT, "--shape", "text_input:1")
 TINY = [
-    Pair("sentiment-classifier", "sentiment-classifier-python", "sentiment-classifier", CLASSIFIER_DATA),
-    Pair("gpt2-small", "gpt2-small-python", "text-generation", GENERATION_DATA),
+    Pair("sentiment-classifier", "sentiment-classifier-python", "sentiment-classifier", TEXT),
+    Pair("gpt2-small", "gpt2-small-python", "text-generation", PROMPT),
 ]
 REAL_SIZE = [
-    Pair("classifier-base", "sentiment-classifier-python", "sentiment-classifier", CLASSIFIER_DATA,
+    Pair("classifier-base", "sentiment-classifier-python", "sentiment-classifier", TEXT,
          real_size=True, interval_ms=5000),
-    Pair("gpt2-base", "gpt2-small-python", "text-generation", GENERATION_DATA, real_size=True,
+    Pair("gpt2-base", "gpt2-small-python", "text-generation", PROMPT, real_size=True,
          interval_ms=20000, new_tokens=20),
 ]
 ENCODER_DIMS = types.SimpleNamespace(layers=12, hidden=768, heads=12, ffn=3072, vocab=30522, positions=512)
@@ -205,7 +203,8 @@ def main() -> int:
                     order = (pair.ours, pair.peer) if round_index % 2 == 0 else (pair.peer, pair.ours)
                     for model in order:
                         before = compute_us(base, model, versions[model])
-                        measured = perf_analyzer(model, protocol, url, concurrency, workdir, list(pair.data),
+                        measured = perf_analyzer(model, protocol, url, concurrency, workdir,
+                                                 text_only_data(workdir, pair.text),
                                                  pair.interval_ms or interval)
                         after = compute_us(base, model, versions[model])
                         measured["compute_us"] = (after[0] - before[0]) / max(after[1] - before[1], 1)

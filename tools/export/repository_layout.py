@@ -252,7 +252,9 @@ _WARMUP = """
 
 def bytes_tensor(texts) -> bytes:
     """Texts serialized as a Triton BYTES tensor, the form a TYPE_STRING warm-up file must
-    have: per element a 4-byte little-endian length, then its UTF-8 bytes."""
+    have: per element a 4-byte little-endian length, then its UTF-8 bytes. Written here,
+    not taken from tritonclient, because laying out an export needs only the standard
+    library; tests/test_export.py checks it against tritonclient's serializer."""
     encoded = [text.encode("utf-8") for text in texts]
     return b"".join(struct.pack("<I", len(data)) + data for data in encoded)
 
