@@ -99,14 +99,14 @@ def install(
     source_version: str = "1",
     hf_config: dict | None = None,
     force: bool = False,
-    versions_served: int | None = 1,
+    serving: layout.Serving = layout.Serving(),
 ) -> Path:
     """Lays out a committed model version into tmp_path/repository; returns the version dir."""
     exported = make_export(
         Path(tempfile.mkdtemp(prefix="export-", dir=tmp_path)), model, source_version, hf_config
     )
     target = layout.Target(tmp_path / "repository", model, version)
-    return layout.install(exported, target, MODELS[model].task, PROVENANCE, force, versions_served)
+    return layout.install(exported, target, MODELS[model].task, PROVENANCE, force, serving)
 
 
 def read_manifest(version_dir: Path) -> dict:
@@ -196,7 +196,7 @@ def test_config_is_the_example_config_with_this_exports_values(tmp_path, model, 
     """Same inputs, outputs (sizes from config.json), instances, parameters and warm-up
     sample as the committed example config (which serves all versions, for the A/B
     routers); only the labels and the explicit end-of-text token differ."""
-    install(tmp_path, model, versions_served=None)
+    install(tmp_path, model, serving=layout.Serving(versions=None))
     written = (tmp_path / "repository" / model / "config.pbtxt").read_text(encoding="utf-8")
     example = (MODEL_REPOSITORY / model / "config.pbtxt").read_text(encoding="utf-8")
     assert pbtxt_body(written) == pbtxt_body(example)
@@ -211,7 +211,7 @@ def test_config_is_the_example_config_with_this_exports_values(tmp_path, model, 
 def test_config_serves_the_newest_version_unless_asked(tmp_path, versions_served, policy):
     """Every loaded version holds its own weights: by default only the newest one is
     loaded, more on request (an A/B router over versions needs them)."""
-    install(tmp_path, ENCODER, versions_served=versions_served)
+    install(tmp_path, ENCODER, serving=layout.Serving(versions=versions_served))
     written = (tmp_path / "repository" / ENCODER / "config.pbtxt").read_text(encoding="utf-8")
     assert [line for line in written.splitlines() if line.startswith("version_policy")] == [policy]
     with pytest.raises(layout.LayoutError, match="at least 1"):
@@ -229,6 +229,20 @@ def test_the_default_export_serves_only_the_newest_version(tmp_path):
         ready = {entry["version"] for entry in repository_index(triton)[CLASSIFIER]
                  if entry.get("state") == "READY"}
         assert ready == {"2"}, repository_index(triton)
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, DECODER])
+def test_gpu_exports_run_one_instance_per_gpu(tmp_path, model):
+    """--instance-kind gpu: one KIND_GPU instance instead of the example's CPU ones; the
+    rest of the config is the same."""
+    install(tmp_path, model, serving=layout.Serving(gpu=True))
+    gpu = (tmp_path / "repository" / model / "config.pbtxt").read_text(encoding="utf-8")
+    cpu = layout.render_config(model, MODELS[model].task, HF_CONFIGS[model],
+                               json.loads((MODEL_REPOSITORY / model / "1" / "tokenizer.json").read_text()))
+    groups = [line for line in gpu.splitlines() if line.startswith("instance_group")]
+    assert groups == ["instance_group [ { count: 1, kind: KIND_GPU } ]"]
+    assert [l for l in pbtxt_body(gpu) if not l.startswith("instance_group")] == [
+        l for l in pbtxt_body(cpu) if not l.startswith("instance_group")]
 
 
 @pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, DECODER])
@@ -408,6 +422,7 @@ def test_command_line_lays_out_an_exported_directory(tmp_path):
         ([ENCODER, "--version", "0", "--exported", "."], "positive integer"),
         ([ENCODER, "--versions-served", "0", "--exported", "."], "positive number or 'all'"),
         ([ENCODER, "--versions-served", "latest", "--exported", "."], "positive number or 'all'"),
+        ([ENCODER, "--instance-kind", "tpu", "--exported", "."], "invalid choice"),
     ],
 )
 def test_command_line_rejects_bad_arguments(tmp_path, args, message):

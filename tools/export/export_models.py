@@ -3,7 +3,7 @@
 
     python tools/export/export_models.py [MODEL ...] --repository DIR [--version N]
         [--source HUB_ID_OR_DIR] [--revision REV] [--force] [--exported DIR]
-        [--versions-served N|all]
+        [--versions-served N|all] [--instance-kind cpu|gpu]
 
 MODEL is one of (default: all three)
 
@@ -75,6 +75,10 @@ def versions_served(value: str) -> int | None:
     raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {value!r}")
 
 
+def serving(args: argparse.Namespace) -> layout.Serving:
+    return layout.Serving(versions=args.versions_served, gpu=args.instance_kind == "gpu")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="N|all",
         help="versions the config loads: the newest N, or all, as an A/B router over "
         "versions needs (default: 1; each loaded version holds its own weights)",
+    )
+    parser.add_argument(
+        "--instance-kind",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: the example configs' instances (default); gpu: one KIND_GPU instance "
+        "per GPU (the image's CUDA build of ONNX Runtime, see the README's GPU instances)",
     )
     parser.add_argument(
         "--exported",
@@ -248,7 +259,7 @@ def export(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
     model, tokenizer = load_source(spec, source, args.revision)
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
     files = layout.model_files(
-        name, spec.task, model.config.to_dict(), tokenizer_json, args.versions_served
+        name, spec.task, model.config.to_dict(), tokenizer_json, serving(args)
     )
     layout.check_target(target, files, args.force)
     with tempfile.TemporaryDirectory(prefix=f"export-{name}-") as staging:
@@ -263,7 +274,7 @@ def export(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
         revision = getattr(model.config, "_commit_hash", None) or args.revision
         provenance = layout.Provenance(source, revision, tool_versions())
         version_dir = layout.install(
-            staging, target, spec.task, provenance, args.force, args.versions_served
+            staging, target, spec.task, provenance, args.force, serving(args)
         )
     print(f"{name}: wrote {version_dir}")
 
@@ -274,7 +285,7 @@ def lay_out(name: str, spec: ModelSpec, args: argparse.Namespace) -> None:
     tools = {"python": platform.python_version()}
     provenance = layout.Provenance(source_id(args.source or spec.hub_id), args.revision, tools)
     version_dir = layout.install(
-        args.exported, target, spec.task, provenance, args.force, args.versions_served
+        args.exported, target, spec.task, provenance, args.force, serving(args)
     )
     print(f"{name}: wrote {version_dir}")
 

@@ -101,6 +101,23 @@ _ALL_COMMENT = """\
 """
 
 
+@dataclass(frozen=True)
+class Serving:
+    """How the config serves the model: the newest `versions` versions (None: all), on
+    the CPU or one instance per GPU."""
+
+    versions: int | None = 1
+    gpu: bool = False
+
+
+_GPU_INSTANCES = """
+# One instance on each GPU (KIND_GPU: ONNX Runtime's CUDA provider, no fallback to the
+# CPU); each holds its own copy of the weights on its device (see the README, "GPU
+# instances").
+instance_group [ { count: 1, kind: KIND_GPU } ]
+"""
+
+
 def version_policy(versions_served: int | None) -> tuple[str, str]:
     """The version_policy value and its comment: the newest `versions_served` versions,
     or every version (None)."""
@@ -355,11 +372,11 @@ def _queue(task: str) -> str:
 
 
 def render_config(
-    model: str, task: str, hf_config: dict, tokenizer: dict, versions_served: int | None = 1
+    model: str, task: str, hf_config: dict, tokenizer: dict, serving: Serving = Serving()
 ) -> str:
     """The config.pbtxt of `model`: the example configs' shape and warm-up, with the sizes,
-    labels, context length and end-of-text token of this export, serving the newest
-    `versions_served` versions (None: all)."""
+    labels, context length and end-of-text token of this export, served as `serving`
+    says."""
     length = ("max_sequence_length", str(context_length(hf_config)))
     threads = ("intra_op_thread_count", "1")
     if task == "sentiment-classifier":
@@ -375,11 +392,11 @@ def render_config(
         pairs = [("task", task), length, *_GENERATION_DEFAULTS, ("eos_token", eos), threads]
     else:
         raise LayoutError(f"unknown task {task!r}")
-    policy, policy_comment = version_policy(versions_served)
+    policy, policy_comment = version_policy(serving.versions)
     return (
         _HEADER.format(name=pbtxt_string(model), policy=policy, policy_comment=policy_comment)
         + io
-        + _INSTANCES[task]
+        + (_GPU_INSTANCES if serving.gpu else _INSTANCES[task])
         + _queue(task)
         + _parameters(pairs)
         + render_warmup(task)
@@ -387,11 +404,11 @@ def render_config(
 
 
 def model_files(
-    model: str, task: str, hf_config: dict, tokenizer: dict, versions_served: int | None = 1
+    model: str, task: str, hf_config: dict, tokenizer: dict, serving: Serving = Serving()
 ) -> dict[str, bytes]:
     """The files of the model directory that all its versions share, by path relative to
     it: config.pbtxt and the warm-up data it names."""
-    config_text = render_config(model, task, hf_config, tokenizer, versions_served)
+    config_text = render_config(model, task, hf_config, tokenizer, serving)
     return {CONFIG: config_text.encode("utf-8"), WARMUP_FILE: warmup_data(task)}
 
 
@@ -481,17 +498,17 @@ def install(
     task: str,
     provenance: Provenance,
     force: bool = False,
-    versions_served: int | None = 1,
+    serving: Serving = Serving(),
 ) -> Path:
     """Lays out `exported` as `target` and returns the version directory; the config
-    serves the newest `versions_served` versions (None: all).
+    serves the model as `serving` says.
 
     The version is assembled in a hidden sibling directory and renamed into place, so an
     interrupted run leaves no half-written version behind (Triton ignores names that are
     not numbers).
     """
     hf_config, tokenizer = read_exported(exported)
-    files = model_files(target.model, task, hf_config, tokenizer, versions_served)
+    files = model_files(target.model, task, hf_config, tokenizer, serving)
     check_target(target, files, force)
     target.model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{target.version}-", dir=target.model_dir))
