@@ -421,7 +421,9 @@ def test_deployment_security_and_gpu(manifests, final_stage):
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
     assert resources["requests"]["cpu"], "the CPU HPA needs a CPU request"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-    assert pod["nodeSelector"]
+    # The device plugin's nvidia.com/gpu resource schedules the pod; no GPU Feature
+    # Discovery labels (a stock EKS/GKE GPU pool has none).
+    assert "nodeSelector" not in pod
     assert pod["serviceAccountName"] in {n for k, n in manifests if k == "ServiceAccount"}
 
 
@@ -435,11 +437,68 @@ def test_model_repository_comes_from_the_pvc(manifests):
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in manifests
     assert "configMap" not in volume, "models must not come from a ConfigMap"
-    # The init container seeds the same sub-directory the server mounts.
+    # Production pods serve what is on the volume: nothing seeds the demo models.
+    assert "initContainers" not in pod
+
+
+def demo_deployment(manifests) -> dict:
+    """The Deployment as docker/k8s/demo/ renders it: its strategic-merge patch adds the
+    init container, its JSON patch removes what it names."""
+    import copy
+
+    kustomization = yaml.safe_load((K8S_DIR / "demo" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [".."]
+    deployment = copy.deepcopy(manifests[("Deployment", "triton-rust")])
+    (merge,) = [p for p in kustomization["patches"] if "path" in p]
+    (patch,) = load_documents(K8S_DIR / "demo" / merge["path"])
+    assert (patch["kind"], patch["metadata"]["name"]) == ("Deployment", "triton-rust")
+    deployment["spec"]["template"]["spec"]["initContainers"] = (
+        patch["spec"]["template"]["spec"]["initContainers"])
+    (json_patch,) = [p for p in kustomization["patches"] if "patch" in p]
+    assert json_patch["target"] == {"kind": "Deployment", "name": "triton-rust"}
+    for operation in yaml.safe_load(json_patch["patch"]):
+        assert operation["op"] == "remove"
+        *parents, last = [part.replace("~1", "/") for part in operation["path"].split("/")[1:]]
+        node = deployment
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[last]
+    return deployment
+
+
+def test_the_demo_seeds_the_example_models_on_cpu(manifests):
+    """docker/k8s/demo: the init container seeds the sub-directory the server mounts,
+    and the pod asks for no GPU (the example configs are KIND_CPU)."""
+    pod = demo_deployment(manifests)["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "triton"]
+    assert container["image"] == triton_container(manifests)["image"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
     (init,) = pod["initContainers"]
     (seed_mount,) = [m for m in init["volumeMounts"] if m["name"] == mount["name"]]
     script = " ".join(init["command"])
     assert f'repo={seed_mount["mountPath"]}/{mount["subPath"]}' in script
+    assert init["image"] == container["image"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    for side in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in container["resources"][side], side
+    assert "tolerations" not in pod
+    for model in MODEL_REPOSITORY.iterdir():
+        if model.is_dir():
+            assert "KIND_GPU" not in (model / "config.pbtxt").read_text(), model.name
+
+
+def test_network_policy_admits_clients_and_only_the_monitoring_namespace_to_metrics(manifests):
+    policy = manifests[("NetworkPolicy", "triton-rust")]["spec"]
+    pod = manifests[("Deployment", "triton-rust")]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    clients, monitoring = policy["ingress"]
+    assert "from" not in clients and {p["port"] for p in clients["ports"]} == {"http", "grpc"}
+    assert [p["port"] for p in monitoring["ports"]] == ["metrics"]
+    assert monitoring["from"][0]["namespaceSelector"]["matchLabels"]
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == ports
+    (dns,) = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
 
 
 def test_service_exposes_http_grpc_metrics(manifests):
