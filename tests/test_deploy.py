@@ -419,7 +419,7 @@ def test_deployment_security_and_gpu(manifests, final_stage):
 
     resources = triton_container(manifests)["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
-    assert resources["requests"]["cpu"], "the CPU HPA needs a CPU request"
+    assert resources["requests"]["cpu"], "tokenization runs on the CPU: request it"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     # The device plugin's nvidia.com/gpu resource schedules the pod; no GPU Feature
     # Discovery labels (a stock EKS/GKE GPU pool has none).
@@ -436,6 +436,11 @@ def test_model_repository_comes_from_the_pvc(manifests):
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in manifests
+    # ReadWriteOnce: it binds on the default storage class of any cluster (the RWX
+    # option for replicas on several nodes is in the file and docs/deployment.md).
+    pvc = manifests[("PersistentVolumeClaim", claim)]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in pvc["spec"]
     assert "configMap" not in volume, "models must not come from a ConfigMap"
     # Production pods serve what is on the volume: nothing seeds the demo models.
     assert "initContainers" not in pod
@@ -516,9 +521,15 @@ def test_hpa_and_pdb_target_the_deployment(manifests):
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert any(
-        m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]
-    )
+    # Load as an inference server sees it: Triton's queue, per pod, through the
+    # prometheus-adapter rules shipped beside the Prometheus files; not CPU.
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods"}
+    scaled_on = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    served = {rule["name"]["as"] for rule in adapter_rules()}
+    assert scaled_on == served == {"triton_queue_duration_us_per_request", "triton_pending_requests"}
+    for rule in adapter_rules():
+        assert '{namespace!="",pod!=""}' in rule["seriesQuery"], rule
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
     pdb = manifests[("PodDisruptionBudget", "triton-rust")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -572,18 +583,25 @@ def test_prometheus_scrapes_the_service_metrics_port(manifests):
     assert 'job="triton-rust"' in (PROMETHEUS_DIR / "rules.yml").read_text()
 
 
+def adapter_rules() -> list[dict]:
+    """prometheus-adapter's rules for the HPA's per-pod metrics."""
+    values = yaml.safe_load((PROMETHEUS_DIR / "prometheus-adapter-values.yaml").read_text())
+    assert values["rules"]["default"] is False
+    return values["rules"]["custom"]
+
+
 def rule_metric_names() -> set[str]:
+    """Triton's metrics that the alert rules and the autoscaling metrics use."""
     rules = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
-    names = set()
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            names |= set(re.findall(r"\b(nv_[a-z_]+)\b", rule["expr"]))
-    return names
+    queries = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    queries += [rule["seriesQuery"] + rule["metricsQuery"] for rule in adapter_rules()]
+    return {name for query in queries for name in re.findall(r"\b(nv_[a-z_]+)\b", query)}
 
 
 def test_rules_use_triton_metrics():
     names = rule_metric_names()
-    assert {"nv_inference_request_failure", "nv_inference_queue_duration_us"} <= names
+    assert {"nv_inference_request_failure", "nv_inference_queue_duration_us",
+            "nv_inference_pending_request_count"} <= names
 
 
 # --------------------------------------------------------------------------------------
