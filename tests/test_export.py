@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import serialize_byte_tensor
 from conftest import (
     MODEL_REPOSITORY,
@@ -229,6 +231,37 @@ def test_the_default_export_serves_only_the_newest_version(tmp_path):
         ready = {entry["version"] for entry in repository_index(triton)[CLASSIFIER]
                  if entry.get("state") == "READY"}
         assert ready == {"2"}, repository_index(triton)
+
+
+def parsed_config(text: str):
+    """A config.pbtxt parsed with Triton's own ModelConfig schema (tritonclient's copy of
+    model_config.proto): an unknown field or a malformed value fails here."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, DECODER])
+@pytest.mark.parametrize("serving", [
+    layout.Serving(), layout.Serving(versions=None), layout.Serving(versions=2, gpu=True),
+])
+def test_rendered_configs_are_valid_model_configs(model, serving):
+    """The one renderer of config.pbtxt, checked against Triton's ModelConfig: the same
+    tensors, warm-up and queue as the committed example, the version policy and instance
+    group asked for."""
+    tokenizer = json.loads((MODEL_REPOSITORY / model / "1" / "tokenizer.json").read_text())
+    rendered = parsed_config(layout.render_config(model, MODELS[model].task, HF_CONFIGS[model],
+                                                  tokenizer, serving))
+    example = parsed_config((MODEL_REPOSITORY / model / "config.pbtxt").read_text())
+    assert (rendered.name, rendered.backend, rendered.max_batch_size) == (model, "rust", 0)
+    for field in ("input", "output", "model_warmup", "dynamic_batching"):
+        assert getattr(rendered, field) == getattr(example, field), field
+    if serving.versions is None:
+        assert rendered.version_policy.WhichOneof("policy_choice") == "all"
+    else:
+        assert rendered.version_policy.latest.num_versions == serving.versions
+    (group,) = rendered.instance_group
+    expected_kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if serving.gpu else (
+        example.instance_group[0].kind)
+    assert group.kind == expected_kind
 
 
 @pytest.mark.parametrize("model", [CLASSIFIER, DECODER])
