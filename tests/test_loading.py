@@ -153,7 +153,7 @@ BROKEN = {
     ),
     "four-labels-for-three-classes": Broken(
         CLASSIFIER,
-        ("'labels'", "4 labels", "3"),
+        ("'labels'", "name 4 classes", "outputs 3"),
         config=set_parameter("labels", "negative,neutral,positive,mixed"),
     ),
     "labels-on-feature-extraction": Broken(

@@ -7,6 +7,7 @@
 
 pub mod ab_metrics;
 pub mod ab_stats;
+pub mod autocomplete;
 pub mod bytes_tensor;
 pub mod canary;
 pub mod config;

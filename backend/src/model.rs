@@ -11,6 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::autocomplete;
 use crate::config::ModelConfig;
 use crate::error::{BackendError, panic_message};
 use crate::heap::{self, MmapThreshold};
@@ -123,9 +124,9 @@ impl ModelState {
     pub fn new(model: ModelHandle<'_>, backend: &BackendState) -> Result<Self, Error> {
         let name = model.name()?;
         let version = model.version()?;
-        let config = ModelConfig::from_json(&model.config_json()?)?;
         let model_dir = PathBuf::from(model.repository_path()?);
         let version_dir = model_dir.join(version.to_string());
+        let config = ModelConfig::from_json(&completed_config(model, &version_dir)?)?;
         let task_name = config.parameters.get(settings::TASK).ok_or_else(|| {
             BackendError::Config(format!(
                 "parameter 'task' is required: one of {}",
@@ -167,6 +168,35 @@ impl ModelState {
 
     pub fn memory_usage(&self) -> Vec<MemoryUsage> {
         self.model.memory_usage()
+    }
+}
+
+/// The model's configuration as JSON, its inputs and outputs filled in first when
+/// Triton asks for auto-complete and the config declares none (see `autocomplete`).
+fn completed_config(model: ModelHandle<'_>, version_dir: &Path) -> Result<String, Error> {
+    let json = model.config_json()?;
+    if !model.auto_complete_config()? {
+        return Ok(json);
+    }
+    let config: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|e| Error::internal(format!("model config is not JSON: {e}")))?;
+    let task = config
+        .pointer(&format!("/parameters/{}/string_value", settings::TASK))
+        .and_then(serde_json::Value::as_str)
+        .map(str::trim);
+    let Some(task) = task else {
+        return Ok(json);
+    };
+    match autocomplete::complete(&config, task, version_dir)? {
+        Some(completed) => {
+            model.set_config(&completed.to_string())?;
+            log_info!(
+                "triton-rust: model '{}': inputs and outputs auto-completed for task {task}",
+                model.name()?
+            );
+            model.config_json()
+        }
+        None => Ok(json),
     }
 }
 

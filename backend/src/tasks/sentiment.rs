@@ -8,6 +8,7 @@ use super::encoder::{BatchSettings, EncodedRequest, Encoder, EncoderInstance};
 use super::task::{
     Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
 };
+use crate::autocomplete;
 use crate::bytes_tensor;
 use crate::error::BackendError;
 use crate::postprocess::{argmax, softmax};
@@ -80,9 +81,17 @@ impl Task for SentimentClassifier {
 
     fn load(model: &ModelContext<'_>, settings: Self::Settings) -> Result<Self, BackendError> {
         let (session, text, batch, labels) = settings;
+        // The config's `labels`, else the exported model's config.json `id2label`.
+        let labels = match labels.labels {
+            Some(labels) => Some(labels),
+            None => match autocomplete::read_hf_config(model.version_dir)? {
+                Some(hf) => autocomplete::hf_labels(&hf)?,
+                None => None,
+            },
+        };
         Ok(SentimentClassifier {
             encoder: Encoder::load(model, (session, text, batch))?,
-            labels: labels.labels,
+            labels,
         })
     }
 
@@ -95,7 +104,7 @@ impl Task for SentimentClassifier {
             && labels.len() != classes
         {
             return Err(BackendError::Config(format!(
-                "parameter 'labels' names {} labels but the model outputs {classes}",
+                "the labels (parameter 'labels', else config.json's id2label) name {} classes but the model outputs {classes}",
                 labels.len()
             )));
         }
@@ -181,7 +190,7 @@ impl SentimentClassifier {
             Some(labels) if labels.len() == classes => Cow::Borrowed(labels),
             Some(labels) => {
                 return Err(BackendError::Config(format!(
-                    "parameter 'labels' names {} labels but the model outputs {classes}",
+                    "the labels (parameter 'labels', else config.json's id2label) name {} classes but the model outputs {classes}",
                     labels.len()
                 )));
             }

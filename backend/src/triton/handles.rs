@@ -223,6 +223,40 @@ impl<'a> ModelHandle<'a> {
         Ok(unsafe { copy_c_str(location) })
     }
 
+    /// Whether Triton asks the backend to complete the configuration (its default;
+    /// `--disable-auto-complete-config` turns it off).
+    pub fn auto_complete_config(&self) -> Result<bool> {
+        // Read as a byte, not as a Rust bool: the C++ side writes its own bool.
+        let mut flag: u8 = 0;
+        // SAFETY: the handle is live; `flag` is a valid one-byte out-pointer.
+        check(unsafe {
+            sys::TRITONBACKEND_ModelAutoCompleteConfig(self.as_ptr(), (&raw mut flag).cast())
+        })?;
+        Ok(flag != 0)
+    }
+
+    /// Gives Triton the completed configuration (only inputs, outputs, max batch size
+    /// and scheduling are taken); read it back with [`Self::config_json`].
+    pub fn set_config(&self, json: &str) -> Result<()> {
+        let mut message = ptr::null_mut();
+        // SAFETY: `json` is valid for `json.len()` bytes during the call; `message` is a
+        // valid out-pointer and becomes ours.
+        check(unsafe {
+            sys::TRITONSERVER_MessageNewFromSerializedJson(
+                &mut message,
+                json.as_ptr().cast(),
+                json.len(),
+            )
+        })?;
+        // SAFETY: the handle is live and `message` is a live message; Triton does not
+        // take ownership of it (tritonbackend.h).
+        let set = check(unsafe { sys::TRITONBACKEND_ModelSetConfig(self.as_ptr(), 1, message) });
+        // SAFETY: the message is ours and deleted exactly once, after the call.
+        let deleted = check(unsafe { sys::TRITONSERVER_MessageDelete(message) });
+        set?;
+        deleted
+    }
+
     /// The model configuration (after auto-complete) as JSON.
     pub fn config_json(&self) -> Result<String> {
         let mut message = ptr::null_mut();
