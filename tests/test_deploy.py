@@ -535,6 +535,28 @@ def test_hpa_and_pdb_target_the_deployment(manifests):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
+def test_the_keda_overlay_replaces_the_hpa_with_the_same_signals(manifests):
+    """docker/k8s/keda: a ScaledObject on the Deployment, between the HPA's bounds, on
+    Triton's queue (pending requests, queue time), and the base's HPA deleted (KEDA owns
+    its own). lint-deploy validates the ScaledObject against KEDA's schema."""
+    kustomization = yaml.safe_load((K8S_DIR / "keda" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "scaledobject.yaml"]
+    (patch,) = kustomization["patches"]
+    deleted = yaml.safe_load(patch["patch"])
+    assert deleted["$patch"] == "delete"
+    assert (deleted["kind"], deleted["metadata"]["name"]) == ("HorizontalPodAutoscaler", "triton-rust")
+    hpa = manifests[("HorizontalPodAutoscaler", "triton-rust")]["spec"]
+    scaled = keda_scaled_object()
+    assert scaled["metadata"]["namespace"] == NAMESPACE
+    assert scaled["spec"]["scaleTargetRef"]["name"] == hpa["scaleTargetRef"]["name"]
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (
+        hpa["minReplicas"], hpa["maxReplicas"])
+    queries = " ".join(t["metadata"]["query"] for t in scaled["spec"]["triggers"])
+    assert "nv_inference_pending_request_count" in queries
+    assert "nv_inference_queue_duration_us" in queries
+    assert all(t["type"] == "prometheus" for t in scaled["spec"]["triggers"])
+
+
 def test_servicemonitor_selects_the_metrics_port(manifests):
     (monitor,) = load_documents(MONITORING_DIR / "servicemonitor.yaml")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -590,11 +612,17 @@ def adapter_rules() -> list[dict]:
     return values["rules"]["custom"]
 
 
+def keda_scaled_object() -> dict:
+    (scaled,) = load_documents(K8S_DIR / "keda" / "scaledobject.yaml")
+    return scaled
+
+
 def rule_metric_names() -> set[str]:
     """Triton's metrics that the alert rules and the autoscaling metrics use."""
     rules = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
     queries = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
     queries += [rule["seriesQuery"] + rule["metricsQuery"] for rule in adapter_rules()]
+    queries += [t["metadata"]["query"] for t in keda_scaled_object()["spec"]["triggers"]]
     return {name for query in queries for name in re.findall(r"\b(nv_[a-z_]+)\b", query)}
 
 
