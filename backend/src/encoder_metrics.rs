@@ -48,9 +48,9 @@ fn families() -> Result<&'static Families, Error> {
 
 /// One model version's series.
 pub struct EncoderMetrics {
-    tokens: Metric,
-    fed: Metric,
-    runs: Metric,
+    tokens: Arc<Metric>,
+    fed: Arc<Metric>,
+    runs: Arc<Metric>,
 }
 
 impl EncoderMetrics {
@@ -59,9 +59,9 @@ impl EncoderMetrics {
         let version = version.to_string();
         let labels = [("model", model), ("version", version.as_str())];
         Ok(Self {
-            tokens: families.tokens.metric(&labels)?,
-            fed: families.fed.metric(&labels)?,
-            runs: families.runs.metric(&labels)?,
+            tokens: families.tokens.lasting(&labels, None)?,
+            fed: families.fed.lasting(&labels, None)?,
+            runs: families.runs.lasting(&labels, None)?,
         })
     }
 

@@ -84,13 +84,13 @@ fn families() -> Result<&'static Families, Error> {
 
 /// One model version's series.
 pub struct GenerationMetrics {
-    prompt_tokens: Metric,
-    generation_tokens: Metric,
-    first_token: Metric,
-    token_gap: Metric,
+    prompt_tokens: Arc<Metric>,
+    generation_tokens: Arc<Metric>,
+    first_token: Arc<Metric>,
+    token_gap: Arc<Metric>,
     /// By [`FinishReason`]: stop, length, abort.
-    finished: [Metric; 3],
-    running: Metric,
+    finished: [Arc<Metric>; 3],
+    running: Arc<Metric>,
 }
 
 fn reason_slot(reason: FinishReason) -> usize {
@@ -107,25 +107,28 @@ impl GenerationMetrics {
         let version = version.to_string();
         let labels = [("model", model), ("version", version.as_str())];
         let finished = |reason| {
-            families.finished.metric(&[
+            let labels = [
                 ("model", model),
                 ("version", version.as_str()),
                 ("finished_reason", finish_reason_name(Some(reason))),
-            ])
+            ];
+            families.finished.lasting(&labels, None)
         };
         Ok(Self {
-            prompt_tokens: families.prompt_tokens.metric(&labels)?,
-            generation_tokens: families.generation_tokens.metric(&labels)?,
+            prompt_tokens: families.prompt_tokens.lasting(&labels, None)?,
+            generation_tokens: families.generation_tokens.lasting(&labels, None)?,
             first_token: families
                 .first_token
-                .histogram(&labels, &FIRST_TOKEN_BUCKETS)?,
-            token_gap: families.token_gap.histogram(&labels, &TOKEN_GAP_BUCKETS)?,
+                .lasting(&labels, Some(&FIRST_TOKEN_BUCKETS))?,
+            token_gap: families
+                .token_gap
+                .lasting(&labels, Some(&TOKEN_GAP_BUCKETS))?,
             finished: [
                 finished(FinishReason::Stop)?,
                 finished(FinishReason::Length)?,
                 finished(FinishReason::Abort)?,
             ],
-            running: families.running.metric(&labels)?,
+            running: families.running.lasting(&labels, None)?,
         })
     }
 }

@@ -7,9 +7,10 @@
 //! counted): a model reloaded with the same labels continues its predecessor's counters
 //! as long as one of them is loaded.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use triton_sys as sys;
 
@@ -40,7 +41,12 @@ pub struct MetricFamily {
     raw: NonNull<sys::TRITONSERVER_MetricFamily>,
     kind: MetricKind,
     name: String,
+    /// Series handed out by [`MetricFamily::lasting`], by labels.
+    lasting: Mutex<HashMap<Labels, Arc<Metric>>>,
 }
+
+/// A series' labels, as (key, value) pairs in the order given.
+type Labels = Vec<(String, String)>;
 
 // SAFETY: Triton's metric API is thread-safe (the families and series are
 // prometheus-cpp objects, which lock); the handle is only a pointer to one.
@@ -71,7 +77,35 @@ impl MetricFamily {
             raw,
             kind,
             name: name.to_owned(),
+            lasting: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The series of this family with `labels`, created once and kept for the life of
+    /// the process (`buckets` for a histogram, `None` otherwise): a model version that
+    /// is unloaded and loaded again gets the same series back. Deleting a series while
+    /// a load creates one with the same labels races inside Triton's metric registry
+    /// (heap corruption seen in load/unload cycles), so these are never deleted; there
+    /// is one per model version ever loaded.
+    pub fn lasting(
+        self: &Arc<Self>,
+        labels: &[(&str, &str)],
+        buckets: Option<&[f64]>,
+    ) -> Result<Arc<Metric>> {
+        let key: Labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut lasting = self.lasting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(metric) = lasting.get(&key) {
+            return Ok(Arc::clone(metric));
+        }
+        let metric = Arc::new(match buckets {
+            Some(buckets) => self.histogram(labels, buckets)?,
+            None => self.metric(labels)?,
+        });
+        lasting.insert(key, Arc::clone(&metric));
+        Ok(metric)
     }
 
     /// The counter or gauge of this family with `labels`.
