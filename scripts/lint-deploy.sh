@@ -92,8 +92,6 @@ for version in "${KUBERNETES_VERSIONS[@]}"; do
 done
 say "note: docker/k8s/monitoring/ (ServiceMonitor, PrometheusRule) are CRD kinds without a bundled schema; tests/test_deploy.py checks them"
 
-GATEWAY_API_VERSION="2.0.0"
-gateway_api_module="$DEPS/npm/node_modules/@kubernetes-models/gateway-api"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -101,35 +99,31 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   $SUDO apt-get update -qq || exit 1
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null || exit 1
 fi
-if ! grep -q "\"version\": \"$GATEWAY_API_VERSION\"" "$gateway_api_module/package.json" 2>/dev/null; then
-  say "installing npm @kubernetes-models/gateway-api@$GATEWAY_API_VERSION into $DEPS/npm"
-  npm install --silent --no-audit --no-fund --prefix "$DEPS/npm" \
-    "@kubernetes-models/gateway-api@$GATEWAY_API_VERSION" || exit 1
-fi
-validate_httproute() {
+# npm @kubernetes-models/<name>@<version> into .deps/npm (once); prints its directory.
+schema_package() {
+  local name="$1" version="$2" module="$DEPS/npm/node_modules/@kubernetes-models/$1"
+  if ! grep -q "\"version\": \"$version\"" "$module/package.json" 2>/dev/null; then
+    say "installing npm @kubernetes-models/$name@$version into $DEPS/npm" >&2
+    npm install --silent --no-audit --no-fund --prefix "$DEPS/npm" \
+      "@kubernetes-models/$name@$version" >&2 || return 1
+  fi
+  printf '%s\n' "$module"
+}
+# Runs node script $2 on the documents of manifest $1 (as JSON on stdin), with the schema
+# package's directory $3 in SCHEMA_MODULE.
+validate_against_schema() {
   "$PYTHON" -c 'import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))' \
-    docker/k8s/canary/httproute.yaml |
-    GATEWAY_API_MODULE="$gateway_api_module" node docker/k8s/canary/validate-httproute.mjs 2>&1 |
+    "$1" |
+    SCHEMA_MODULE="$3" node "$2" 2>&1 |
     sed 's/^/    /'
   return "${PIPESTATUS[1]}"
 }
-check "Gateway API schema: docker/k8s/canary/httproute.yaml" validate_httproute
-
-KEDA_VERSION="2.0.0"
-keda_module="$DEPS/npm/node_modules/@kubernetes-models/keda"
-if ! grep -q "\"version\": \"$KEDA_VERSION\"" "$keda_module/package.json" 2>/dev/null; then
-  say "installing npm @kubernetes-models/keda@$KEDA_VERSION into $DEPS/npm"
-  npm install --silent --no-audit --no-fund --prefix "$DEPS/npm" \
-    "@kubernetes-models/keda@$KEDA_VERSION" || exit 1
-fi
-validate_scaledobject() {
-  "$PYTHON" -c 'import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))' \
-    docker/k8s/keda/scaledobject.yaml |
-    KEDA_MODULE="$keda_module" node docker/k8s/keda/validate-scaledobject.mjs 2>&1 |
-    sed 's/^/    /'
-  return "${PIPESTATUS[1]}"
-}
-check "KEDA schema: docker/k8s/keda/scaledobject.yaml" validate_scaledobject
+gateway_api_module="$(schema_package gateway-api 2.0.0)" || exit 1
+check "Gateway API schema: docker/k8s/canary/httproute.yaml" validate_against_schema \
+  docker/k8s/canary/httproute.yaml docker/k8s/canary/validate-httproute.mjs "$gateway_api_module"
+keda_module="$(schema_package keda 2.0.0)" || exit 1
+check "KEDA schema: docker/k8s/keda/scaledobject.yaml" validate_against_schema \
+  docker/k8s/keda/scaledobject.yaml docker/k8s/keda/validate-scaledobject.mjs "$keda_module"
 
 # --- 3. Prometheus ---------------------------------------------------------------------
 promtool_check_config() {

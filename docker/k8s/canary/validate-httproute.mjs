@@ -1,11 +1,11 @@
 // Validates HTTPRoutes against the Gateway API schema (npm @kubernetes-models/gateway-api),
-// offline. Input: a JSON array of documents on stdin; GATEWAY_API_MODULE: the package's
+// offline. Input: a JSON array of documents on stdin; SCHEMA_MODULE: the package's
 // directory. A broken copy of each route must be refused, or the check proves nothing.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
-const modulePath = join(process.env.GATEWAY_API_MODULE, "gateway.networking.k8s.io", "v1", "index.js");
+const modulePath = join(process.env.SCHEMA_MODULE, "gateway.networking.k8s.io", "v1", "index.js");
 const { HTTPRoute } = await import(pathToFileURL(modulePath).href);
 const documents = JSON.parse(readFileSync(0, "utf8")).filter((d) => d && d.kind === "HTTPRoute");
 if (documents.length === 0) {

@@ -1,11 +1,11 @@
 // Validates ScaledObjects against KEDA's schema (npm @kubernetes-models/keda), offline.
-// Input: a JSON array of documents on stdin; KEDA_MODULE: the package's directory. A
+// Input: a JSON array of documents on stdin; SCHEMA_MODULE: the package's directory. A
 // broken copy of each must be refused, or the check proves nothing.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
-const modulePath = join(process.env.KEDA_MODULE, "keda.sh", "v1alpha1", "index.js");
+const modulePath = join(process.env.SCHEMA_MODULE, "keda.sh", "v1alpha1", "index.js");
 const { ScaledObject } = await import(pathToFileURL(modulePath).href);
 const documents = JSON.parse(readFileSync(0, "utf8")).filter((d) => d && d.kind === "ScaledObject");
 if (documents.length === 0) {
