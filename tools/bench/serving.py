@@ -196,6 +196,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{server['http']}"
         for pair in pairs:
             versions = {pair.ours: pair.version, pair.peer: "1"}
+            data = text_only_data(workdir, pair.text)
             for protocol, concurrency in cells(pair):
                 url = f"127.0.0.1:{server[protocol]}"
                 for round_index in range(rounds):
@@ -203,8 +204,7 @@ def main() -> int:
                     order = (pair.ours, pair.peer) if round_index % 2 == 0 else (pair.peer, pair.ours)
                     for model in order:
                         before = compute_us(base, model, versions[model])
-                        measured = perf_analyzer(model, protocol, url, concurrency, workdir,
-                                                 text_only_data(workdir, pair.text),
+                        measured = perf_analyzer(model, protocol, url, concurrency, workdir, data,
                                                  pair.interval_ms or interval)
                         after = compute_us(base, model, versions[model])
                         measured["compute_us"] = (after[0] - before[0]) / max(after[1] - before[1], 1)

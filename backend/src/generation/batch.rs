@@ -36,7 +36,6 @@ struct Active {
     texts: Vec<Option<String>>,
     /// Rows still running.
     running: usize,
-    generated_tokens: usize,
     options: ResponseOptions,
     /// Per prompt, once its row has ended: why, its prompt's tokens and its new ones.
     reasons: Vec<Option<FinishReason>>,
@@ -218,7 +217,6 @@ impl<'g> RunningBatch<'g> {
                 stream,
                 params,
                 recipient: Recipient::new(responder),
-                generated_tokens: 0,
             },
         );
     }
@@ -463,7 +461,6 @@ impl<'g> RunningBatch<'g> {
             return;
         };
         active.running = active.running.saturating_sub(1);
-        active.generated_tokens += row.generated.len();
         if let Some(slot) = active.reasons.get_mut(row.index) {
             *slot = row.finished;
             active.input_tokens[row.index] = row.prompt.len();
@@ -506,7 +503,7 @@ impl<'g> RunningBatch<'g> {
                 &active.output_tokens,
             ),
             to: active.recipient,
-            generated_tokens: Some(active.generated_tokens),
+            generated_tokens: Some(active.output_tokens.iter().sum()),
         });
     }
 
