@@ -167,7 +167,9 @@ def test_settings_the_model_cannot_serve_fail_the_load(explicit):
             "max_sequence_length (the context) is 5000, but a prompt of 4999 tokens fails",
         ),
     ]
-    wide = classifier_config("sentiment-classifier", task="sentiment-classifier")
+    wide = classifier_config(
+        "sentiment-classifier", task="sentiment-classifier", max_sequence_length="128"
+    )
     wide["output"][0]["dims"] = [-1, 5]
     cases.append(
         (

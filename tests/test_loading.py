@@ -290,7 +290,10 @@ def test_config_override_with_huge_thread_count_fails_fast(explicit_server):
 def test_config_override_applies(explicit_server):
     labels = ["bad", "meh", "good"]
     config = classifier_config(
-        OVERRIDE_MODEL, task="sentiment-classifier", labels=",".join(labels)
+        OVERRIDE_MODEL,
+        task="sentiment-classifier",
+        labels=",".join(labels),
+        max_sequence_length="128",
     )
     response = load_model(explicit_server, OVERRIDE_MODEL, config)
     assert response.status_code == 200, error_message(response)
@@ -307,7 +310,10 @@ def test_reload_under_load_fails_no_request(explicit_server):
 
     def reload(labels):
         config = classifier_config(
-            OVERRIDE_MODEL, task="sentiment-classifier", labels=",".join(labels)
+            OVERRIDE_MODEL,
+            task="sentiment-classifier",
+            labels=",".join(labels),
+            max_sequence_length="128",
         )
         response = load_model(explicit_server, OVERRIDE_MODEL, config)
         assert response.status_code == 200, error_message(response)

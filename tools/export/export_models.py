@@ -12,13 +12,13 @@ MODEL is one of (default: all three)
     gpt2-small            gpt2
 
 Each model is loaded with `from_pretrained` (hub id or local directory; --source and
---revision choose another one), exported to ONNX the way tools/fixtures/make_test_models.py
-exports the test models (same input and output names, GPT-2 with past key values),
-checked against the PyTorch model with onnxruntime, and laid out by repository_layout.py
-as <DIR>/<MODEL>/<N>/{model.onnx,tokenizer.json,manifest.json} plus
+--revision choose another one), exported to ONNX by optimum (the input and output names the
+backend reads, GPT-2 with past key values; tools/fixtures/make_test_models.py exports the
+test models the same way), checked against the PyTorch model with onnxruntime, and laid out
+by repository_layout.py as <DIR>/<MODEL>/<N>/{model.onnx,tokenizer.json,manifest.json} plus
 <DIR>/<MODEL>/config.pbtxt and the warm-up data it names, <DIR>/<MODEL>/warmup/text_input.bin.
-Exporting needs torch and transformers (tools/export/requirements.txt); --exported DIR skips
-it and lays out a directory that already holds model.onnx, tokenizer.json and the Hugging
+Exporting needs torch, transformers and optimum (tools/export/requirements.txt); --exported
+DIR skips it and lays out a directory that already holds model.onnx, tokenizer.json and the Hugging
 Face config.json, which needs only the Python standard library. See docs/real-models.md.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_source(spec: ModelSpec, source: str, revision: str | None):
-    """The model (eager attention, which the TorchScript exporter traces) and tokenizer."""
+    """The model (eager attention, which optimum's TorchScript export traces) and tokenizer."""
     import transformers
 
     auto_class = getattr(transformers, spec.auto_class)
@@ -165,8 +166,8 @@ def parity_inputs(tokenizer):
 
 def torch_answer(task: str, model, ids, type_ids):
     """The PyTorch outputs the ONNX graph must reproduce (the last position's logits for
-    text generation). Computed before exporting: in transformers 5.x a TorchScript export
-    can disturb the eager model in the same process."""
+    text generation). Computed before exporting: tracing for the export can disturb the
+    eager model in the same process."""
     import torch
 
     ids, type_ids = torch.from_numpy(ids), torch.from_numpy(type_ids)
@@ -180,17 +181,33 @@ def torch_answer(task: str, model, ids, type_ids):
         return model(input_ids=ids, attention_mask=mask).logits[:, -1].numpy()
 
 
-def export_graph(task: str, model, path: Path) -> None:
-    """torch.onnx export with the input/output names the backend expects."""
-    sys.path.insert(0, str(HERE.parent / "fixtures"))
-    from make_test_models import export_bert, export_classifier, export_gpt2
+# The optimum export task for each backend task: the graph with the input and output names
+# the backend reads (GPT-2 with position ids and past key values, one model.onnx that also
+# takes an empty past for the prefill).
+OPTIMUM_TASKS = {
+    "sentiment-classifier": "text-classification",
+    "feature-extraction": "feature-extraction",
+    "text-generation": "text-generation-with-past",
+}
 
-    exporters = {
-        "sentiment-classifier": export_classifier,
-        "feature-extraction": export_bert,
-        "text-generation": export_gpt2,
-    }
-    exporters[task](model, path)
+
+def export_graph(task: str, model, path: Path) -> None:
+    """optimum's ONNX export of the loaded model into path (a model.onnx); optimum checks
+    the graph against the model on its own dummy inputs too."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with tempfile.TemporaryDirectory(prefix="optimum-") as output:
+        output = Path(output)
+        onnx_export_from_model(model, output, task=OPTIMUM_TASKS[task])
+        external = sorted(f.name for f in output.iterdir() if f.name.endswith("_data"))
+        if external:
+            # Graphs over 2 GB keep their weights beside model.onnx; the layout copies
+            # model.onnx alone.
+            raise ExportError(
+                f"the exported graph keeps its weights in {', '.join(external)} (over 2 GB), "
+                "which the repository layout does not copy"
+            )
+        shutil.move(output / "model.onnx", path)
 
 
 def onnx_answer(task: str, path: Path, config, ids, type_ids):
@@ -236,14 +253,10 @@ def check_parity(name: str, got, want) -> None:
 
 
 def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import tokenizers
-    import torch
-    import transformers
+    from importlib.metadata import version
 
-    modules = (torch, transformers, tokenizers, onnx, onnxruntime)
-    return {"python": platform.python_version(), **{m.__name__: m.__version__ for m in modules}}
+    packages = ("torch", "transformers", "optimum", "optimum-onnx", "tokenizers", "onnx", "onnxruntime")
+    return {"python": platform.python_version(), **{name: version(name) for name in packages}}
 
 
 def source_id(source: str) -> str:
