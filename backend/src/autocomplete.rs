@@ -1,19 +1,23 @@
 //! Config auto-complete (Triton's default, off with `--disable-auto-complete-config`): a
 //! model directory whose `config.pbtxt` names only `backend: "rust"` and its `task` gets
 //! the task's inputs and outputs filled in, as `onnxruntime_backend` does from the
-//! graph. Sizes come from the Hugging Face `config.json` beside the model when there is
-//! one (`id2label` for a classifier's labels, `hidden_size` for an encoder's width), else
-//! stay variable (-1). A config that declares any input or output is left as written:
-//! the task checks it against the model at load, and nothing is silently overridden.
+//! graph. Sizes come from `model.onnx` (the last dimension of a classifier's `logits`, of
+//! an encoder's `last_hidden_state`), else from the Hugging Face `config.json` beside it
+//! (`id2label`, `hidden_size`), else stay variable (-1); when both give one and they
+//! differ, the load fails naming both. A config that declares any input or output is
+//! left as written: the task checks it against the model at load, and nothing is
+//! silently overridden.
 
 use std::path::Path;
 
 use serde_json::{Value, json};
 
 use crate::error::BackendError;
-
-/// The Hugging Face config that export tools leave beside `model.onnx`.
-pub const HF_CONFIG: &str = "config.json";
+use crate::hf_config::{self, HF_CONFIG};
+use crate::onnx::MODEL_FILE;
+use crate::onnx_proto::ModelProto;
+use crate::tasks::feature_extraction::LAST_HIDDEN_STATE;
+use crate::tasks::sentiment::LOGITS;
 
 /// The config with inputs and outputs filled for `task`, or `None` when it already
 /// declares some (or the task has no fixed tensors: a router takes its target's).
@@ -35,14 +39,15 @@ pub fn complete(
         .pointer("/model_transaction_policy/decoupled")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let hf = read_hf_config(version_dir)?;
+    let hf = hf_config::read(version_dir)?;
     let (inputs, outputs) = match task {
         "sentiment-classifier" => {
-            let classes = hf
+            let labels = hf
                 .as_ref()
                 .and_then(|hf| hf.get("id2label"))
                 .and_then(Value::as_object)
-                .map_or(-1, |labels| labels.len() as i64);
+                .map(|labels| labels.len() as i64);
+            let classes = size(version_dir, LOGITS, labels, "id2label")?;
             (
                 vec![tensor("text_input", "TYPE_STRING", &[-1], false)],
                 vec![
@@ -52,11 +57,11 @@ pub fn complete(
             )
         }
         "feature-extraction" => {
-            let hidden = hf
+            let hidden_size = hf
                 .as_ref()
                 .and_then(|hf| hf.get("hidden_size"))
-                .and_then(Value::as_i64)
-                .unwrap_or(-1);
+                .and_then(Value::as_i64);
+            let hidden = size(version_dir, LAST_HIDDEN_STATE, hidden_size, "hidden_size")?;
             (
                 vec![
                     tensor("text_input", "TYPE_STRING", &[-1], true),
@@ -76,6 +81,40 @@ pub fn complete(
     completed["input"] = Value::Array(inputs);
     completed["output"] = Value::Array(outputs);
     Ok(Some(completed))
+}
+
+/// The width of the graph output `output`, else what `config.json`'s `hf_key` says
+/// (`hf_size`), else -1 (any).
+fn size(
+    version_dir: &Path,
+    output: &str,
+    hf_size: Option<i64>,
+    hf_key: &str,
+) -> Result<i64, BackendError> {
+    match (graph_width(version_dir, output)?, hf_size) {
+        (Some(graph), Some(hf)) if graph != hf => Err(BackendError::Config(format!(
+            "{MODEL_FILE}'s output '{output}' is {graph} wide, but {HF_CONFIG} says {hf} \
+             ({hf_key})"
+        ))),
+        (Some(width), _) | (None, Some(width)) => Ok(width),
+        (None, None) => Ok(-1),
+    }
+}
+
+/// The fixed width of `output` in the version's `model.onnx` (None without the file:
+/// the load then says it is missing).
+fn graph_width(version_dir: &Path, output: &str) -> Result<Option<i64>, BackendError> {
+    let path = version_dir.join(MODEL_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let model = ModelProto::read(&path).map_err(|error| {
+        BackendError::ModelFile(format!(
+            "cannot read the outputs of {}: {error}",
+            path.display()
+        ))
+    })?;
+    Ok(model.output_width(output))
 }
 
 /// The generation models' tensors, as shipped: one prompt per request when decoupled
@@ -122,49 +161,11 @@ fn tensor(name: &str, data_type: &str, dims: &[i64], optional: bool) -> Value {
     spec
 }
 
-/// `config.json` of the version, if there is one.
-pub fn read_hf_config(version_dir: &Path) -> Result<Option<Value>, BackendError> {
-    let path = version_dir.join(HF_CONFIG);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|error| {
-        BackendError::Config(format!("cannot read {}: {error}", path.display()))
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|error| BackendError::Config(format!("{} is not JSON: {error}", path.display())))
-}
-
-/// A classifier's label names from `config.json`'s `id2label`, in class order.
-pub fn hf_labels(hf: &Value) -> Result<Option<Vec<String>>, BackendError> {
-    let Some(map) = hf.get("id2label").and_then(Value::as_object) else {
-        return Ok(None);
-    };
-    let mut labels = vec![None; map.len()];
-    for (id, name) in map {
-        let slot = id
-            .parse::<usize>()
-            .ok()
-            .and_then(|index| labels.get_mut(index))
-            .ok_or_else(|| {
-                BackendError::Config(format!(
-                    "{HF_CONFIG}: id2label has id '{id}'; expected 0 to {}",
-                    map.len().saturating_sub(1)
-                ))
-            })?;
-        *slot = name.as_str().map(str::to_owned);
-    }
-    labels
-        .into_iter()
-        .collect::<Option<Vec<String>>>()
-        .map(Some)
-        .ok_or_else(|| BackendError::Config(format!("{HF_CONFIG}: id2label names must be strings")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnx_proto;
+    use prost::Message;
 
     fn minimal(task: &str) -> Value {
         json!({ "name": "m", "backend": "rust", "parameters": { "task": { "string_value": task } } })
@@ -182,35 +183,38 @@ mod tests {
     }
 
     #[test]
-    fn a_classifier_takes_its_width_from_id2label_else_stays_variable() {
+    fn a_classifier_takes_its_width_from_the_graph_else_id2label_else_stays_variable() {
         let dir = std::env::temp_dir().join(format!("autocomplete-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = minimal("sentiment-classifier");
-        let unknown = complete(&config, "sentiment-classifier", &dir)
-            .unwrap()
-            .unwrap();
-        assert_eq!(unknown["output"][0]["dims"], json!([-1, -1]));
+        let width = |dir: &Path| {
+            complete(&config, "sentiment-classifier", dir)
+                .map(|completed| completed.unwrap()["output"][0]["dims"].clone())
+        };
+        assert_eq!(width(&dir).unwrap(), json!([-1, -1]));
         std::fs::write(dir.join(HF_CONFIG), r#"{"id2label": {"1": "b", "0": "a"}}"#).unwrap();
-        let known = complete(&config, "sentiment-classifier", &dir)
-            .unwrap()
-            .unwrap();
-        assert_eq!(known["output"][0]["dims"], json!([-1, 2]));
-        assert_eq!(known["input"][0]["name"], "text_input");
-        let hf = read_hf_config(&dir).unwrap().unwrap();
-        assert_eq!(
-            hf_labels(&hf).unwrap(),
-            Some(vec!["a".to_string(), "b".to_string()])
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
+        assert_eq!(width(&dir).unwrap(), json!([-1, 2]));
 
-    #[test]
-    fn bad_id2label_is_a_clear_error() {
-        for bad in [r#"{"id2label": {"5": "x"}}"#, r#"{"id2label": {"0": 3}}"#] {
-            let hf: Value = serde_json::from_str(bad).unwrap();
-            let error = hf_labels(&hf).expect_err(bad).to_string();
-            assert!(error.contains("id2label"), "{bad}: {error}");
-        }
+        let graph = onnx_proto::graph_with_outputs(&[(LOGITS, &[None, Some(3)])]);
+        std::fs::write(dir.join(MODEL_FILE), graph.encode_to_vec()).unwrap();
+        let error = width(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains("output 'logits' is 3 wide, but config.json says 2 (id2label)"),
+            "{error}"
+        );
+        std::fs::remove_file(dir.join(HF_CONFIG)).unwrap();
+        assert_eq!(width(&dir).unwrap(), json!([-1, 3]));
+        assert_eq!(
+            complete(&config, "sentiment-classifier", &dir)
+                .unwrap()
+                .unwrap()["input"][0]["name"],
+            "text_input"
+        );
+
+        std::fs::write(dir.join(MODEL_FILE), b"not a model").unwrap();
+        let error = width(&dir).unwrap_err().to_string();
+        assert!(error.contains("cannot read the outputs of"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

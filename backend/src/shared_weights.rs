@@ -9,49 +9,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use ort::session::builder::{PrepackedWeights, SessionBuilder};
 use ort::value::{DynValue, Tensor};
-use prost::Message;
 
 use crate::error::BackendError;
+use crate::onnx_proto::{FLOAT, ModelProto};
 
 /// Initializers smaller than this stay in the model: scalars and shapes cost nothing,
 /// and graph optimizations fold them as constants.
 const MIN_SHARED_ELEMENTS: usize = 1024;
-
-/// The fields of `onnx.proto` this reads (tags as there; prost skips the others).
-#[derive(Clone, PartialEq, Message)]
-struct ModelProto {
-    #[prost(message, optional, tag = "7")]
-    graph: Option<GraphProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct GraphProto {
-    #[prost(message, repeated, tag = "5")]
-    initializer: Vec<TensorProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct TensorProto {
-    #[prost(int64, repeated, tag = "1")]
-    dims: Vec<i64>,
-    #[prost(int32, tag = "2")]
-    data_type: i32,
-    #[prost(float, repeated, tag = "4")]
-    float_data: Vec<f32>,
-    #[prost(string, tag = "8")]
-    name: String,
-    #[prost(bytes = "bytes", tag = "9")]
-    raw_data: Bytes,
-    /// 1: the data is in another file (ONNX Runtime reads those itself).
-    #[prost(int32, tag = "14")]
-    data_location: i32,
-}
-
-/// `TensorProto.DataType.FLOAT`.
-const FLOAT: i32 = 1;
 
 /// The shared initializers of one model version and the container of their prepacked
 /// forms.
@@ -80,8 +46,7 @@ impl SharedWeights {
                 model_path.display()
             ))
         };
-        let file = std::fs::read(model_path).map_err(|e| cannot(e.to_string()))?;
-        let model = ModelProto::decode(Bytes::from(file)).map_err(|e| cannot(format!("{e}")))?;
+        let model = ModelProto::read(model_path).map_err(cannot)?;
         let mut initializers = Vec::new();
         let mut bytes = 0;
         for tensor in model.graph.map(|g| g.initializer).unwrap_or_default() {

@@ -8,9 +8,9 @@ use super::encoder::{BatchSettings, EncodedRequest, Encoder, EncoderInstance};
 use super::task::{
     Contract, InstanceContext, ModelContext, Pending, RequestData, Task, TensorContract,
 };
-use crate::autocomplete;
 use crate::bytes_tensor;
 use crate::error::BackendError;
+use crate::hf_config;
 use crate::postprocess::{argmax, softmax};
 use crate::responder::Responder;
 use crate::settings::{SessionSettings, SettingsGroup, TextSettings};
@@ -20,7 +20,7 @@ use crate::types::{DataType, MemoryUsage};
 pub const SENTIMENT_SCORE: &str = "sentiment_score";
 pub const SENTIMENT_LABEL: &str = "sentiment_label";
 /// The graph output read when the graph has several.
-const LOGITS: &str = "logits";
+pub const LOGITS: &str = "logits";
 
 const INPUTS: &[Contract] = &[Contract {
     name: TEXT_INPUT,
@@ -84,8 +84,8 @@ impl Task for SentimentClassifier {
         // The config's `labels`, else the exported model's config.json `id2label`.
         let labels = match labels.labels {
             Some(labels) => Some(labels),
-            None => match autocomplete::read_hf_config(model.version_dir)? {
-                Some(hf) => autocomplete::hf_labels(&hf)?,
+            None => match hf_config::read(model.version_dir)? {
+                Some(hf) => hf_config::labels(&hf)?,
                 None => None,
             },
         };
