@@ -127,7 +127,12 @@ def test_the_stream_answers_like_vllm(server):
     ('{"min_tokens": 4}', "'min_tokens' is not supported here"),
     ('{"logit_bias": {"1": 2}}', "'logit_bias' is not supported"),
     ('{"max_tokens": "ten"}', "'max_tokens' has the wrong type"),
-    ('{"max_tokens": 0}', "'max_new_tokens' must be between 1"),
+    # A value the generation parameters refuse names the field the client sent, too.
+    ('{"max_tokens": 0}',
+     "input 'sampling_parameters': field 'max_tokens': parameter 'max_new_tokens' must be "
+     "between 1"),
+    ('{"stop": ["a", ""]}', "field 'stop': parameter 'stop_sequences' must be non-empty strings"),
+    ('{"temperature": 0.5, "top_p": 1.5}', "field 'top_p': parameter 'top_p' must be in (0, 1]"),
     ("not json", "not a JSON object"),
 ])
 def test_bad_sampling_parameters_are_a_clear_400(server, parameters, fragment):

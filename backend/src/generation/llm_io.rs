@@ -76,11 +76,31 @@ pub fn read_flag(name: &str, flag: &InputTensor) -> Result<bool, BackendError> {
     }
 }
 
-/// The request parameters a `sampling_parameters` input stands for. A field this
-/// backend cannot honour is an error that names it, not ignored.
-pub fn sampling_parameters(
-    input: &InputTensor,
-) -> Result<Vec<(String, ParameterValue)>, BackendError> {
+/// One field of a `sampling_parameters` input and the request parameters it becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingField {
+    /// The vLLM name the client sent, e.g. `max_tokens`.
+    pub field: String,
+    pub parameters: Vec<(String, ParameterValue)>,
+}
+
+impl SamplingField {
+    /// `error` (about the request parameters this field became) as the client's error:
+    /// it names the field the client sent as well.
+    pub fn error(&self, error: BackendError) -> BackendError {
+        match error {
+            BackendError::InvalidInput(message) => {
+                invalid(format!("field '{}': {message}", self.field))
+            }
+            other => other,
+        }
+    }
+}
+
+/// The fields of a `sampling_parameters` input, each with the request parameters it
+/// stands for. A field this backend cannot honour is an error that names it, not
+/// ignored.
+pub fn sampling_parameters(input: &InputTensor) -> Result<Vec<SamplingField>, BackendError> {
     let texts = read_texts(input, MAX_SAMPLING_PARAMETERS_BYTES)?;
     let [text] = texts.as_slice() else {
         return Err(invalid(format!(
@@ -90,7 +110,7 @@ pub fn sampling_parameters(
     };
     let fields: serde_json::Map<String, Value> = serde_json::from_str(text)
         .map_err(|error| invalid(format!("not a JSON object: {error}")))?;
-    let mut parameters = Vec::new();
+    let mut applied_fields = Vec::new();
     for (field, value) in &fields {
         if value.is_null() {
             continue;
@@ -110,9 +130,12 @@ pub fn sampling_parameters(
                 known.join(", ")
             )));
         };
-        parameters.extend(applied(field, parameter, value)?);
+        applied_fields.push(SamplingField {
+            field: field.clone(),
+            parameters: applied(field, parameter, value)?,
+        });
     }
-    Ok(parameters)
+    Ok(applied_fields)
 }
 
 /// Whether `value` is the neutral value `neutral` (a number or a boolean, as text).
@@ -168,8 +191,9 @@ fn applied(
 /// ways is an error.
 pub fn merge(
     parameters: &[(String, ParameterValue)],
-    sampling: Vec<(String, ParameterValue)>,
+    sampling: Vec<SamplingField>,
 ) -> Result<Vec<(String, ParameterValue)>, BackendError> {
+    let sampling: Vec<_> = sampling.into_iter().flat_map(|f| f.parameters).collect();
     let stop_keys = ["stop", "stop_sequences"];
     for (key, _) in &sampling {
         let clash = parameters.iter().find(|(given, _)| {
@@ -246,6 +270,7 @@ mod tests {
 
     fn parsed(text: &str) -> Result<Vec<(String, ParameterValue)>, BackendError> {
         sampling_parameters(&json_input(text))
+            .map(|fields| fields.into_iter().flat_map(|f| f.parameters).collect())
     }
 
     #[test]
@@ -311,12 +336,22 @@ mod tests {
     #[test]
     fn a_setting_sent_twice_is_refused() {
         let given = vec![("stop".to_string(), ParameterValue::String("x".into()))];
-        let sampling = vec![(
-            "stop_sequences".to_string(),
-            ParameterValue::String("[\"y\"]".into()),
-        )];
+        let sampling = sampling_parameters(&json_input(r#"{"stop": ["y"]}"#)).expect("valid");
         let error = merge(&given, sampling).expect_err("twice");
         assert!(error.to_string().contains("send it once"), "{error}");
+    }
+
+    #[test]
+    fn an_error_about_a_field_names_the_field_the_client_sent() {
+        let fields = sampling_parameters(&json_input(r#"{"max_tokens": 100000}"#)).expect("parsed");
+        let error = fields[0].error(BackendError::InvalidInput(
+            "parameter 'max_new_tokens' must be at most 128".into(),
+        ));
+        assert_eq!(
+            error.to_string(),
+            "input 'sampling_parameters': field 'max_tokens': parameter 'max_new_tokens' \
+             must be at most 128"
+        );
     }
 
     #[test]

@@ -175,6 +175,17 @@ impl Generator {
         &self.tokenizer
     }
 
+    /// Checks request parameters alone (as this model's defaults would take them), so an
+    /// error can be traced to where the client sent them.
+    pub fn check_parameters(
+        &self,
+        parameters: &[(String, ParameterValue)],
+    ) -> Result<(), BackendError> {
+        self.defaults
+            .with_request(parameters, self.context_length)
+            .map(drop)
+    }
+
     /// Validates one request: its texts, its `stream` flag and its generation parameters.
     pub fn prepare(
         &self,

@@ -252,7 +252,13 @@ impl Task for TextGeneration {
         let stream = request.inputs.remove(STREAM_INPUT);
         let parameters = match request.inputs.remove(SAMPLING_PARAMETERS) {
             Some(sampling) => {
-                llm_io::merge(&request.parameters, llm_io::sampling_parameters(&sampling)?)?
+                let fields = llm_io::sampling_parameters(&sampling)?;
+                for field in &fields {
+                    self.generator
+                        .check_parameters(&field.parameters)
+                        .map_err(|error| field.error(error))?;
+                }
+                llm_io::merge(&request.parameters, fields)?
             }
             None => request.parameters,
         };
