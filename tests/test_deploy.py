@@ -35,6 +35,8 @@ PROMETHEUS_DIR = REPO_ROOT / "docker" / "prometheus"
 MODEL_REPOSITORY = REPO_ROOT / "model-repository"
 BACKEND_DIR_IN_IMAGE = "/opt/tritonserver/backends"
 NAMESPACE = "multi-model-serving"
+# The Deployment's GPU-only backend setting (backend/src/config.rs, require_gpu_instances).
+REQUIRE_GPU = "--backend-config=rust,require-gpu=true"
 
 
 # --------------------------------------------------------------------------------------
@@ -374,8 +376,9 @@ def test_deployment_probes_hit_triton_health_endpoints(manifests):
 def test_deployment_args_match_the_image(manifests, final_stage):
     container = triton_container(manifests)
     (cmd,) = final_stage.all("CMD")
-    # The image's CMD, plus HTTP on loopback only (reached through the gateway).
-    assert container["args"] == exec_form(cmd) + ["--http-address=127.0.0.1"], (
+    # The image's CMD, plus HTTP on loopback only (reached through the gateway) and GPU
+    # instances only (the pod holds a GPU).
+    assert container["args"] == exec_form(cmd) + ["--http-address=127.0.0.1", REQUIRE_GPU], (
         "Deployment args and the image CMD drifted apart"
     )
     assert "command" not in container, "keep the image ENTRYPOINT (nvidia_entrypoint.sh)"
@@ -419,6 +422,9 @@ def test_deployment_security_and_gpu(manifests, final_stage):
 
     resources = triton_container(manifests)["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    # The GPU it holds is used: a model on CPU instances fails its load
+    # (tests/test_loading.py, test_a_gpu_only_server_refuses_cpu_instances...).
+    assert REQUIRE_GPU in triton_container(manifests)["args"]
     assert resources["requests"]["cpu"], "tokenization runs on the CPU: request it"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     # The device plugin's nvidia.com/gpu resource schedules the pod; no GPU Feature
@@ -467,7 +473,7 @@ def demo_deployment(manifests) -> dict:
         node = deployment
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
-        del node[last]
+        del node[int(last) if isinstance(node, list) else last]
     return deployment
 
 
@@ -487,6 +493,8 @@ def test_the_demo_seeds_the_example_models_on_cpu(manifests):
     for side in ("requests", "limits"):
         assert "nvidia.com/gpu" not in container["resources"][side], side
     assert "tolerations" not in pod
+    # Only the GPU-only backend setting goes: the example models run on the CPU.
+    assert container["args"] == [a for a in triton_container(manifests)["args"] if a != REQUIRE_GPU]
     for model in MODEL_REPOSITORY.iterdir():
         if model.is_dir():
             assert "KIND_GPU" not in (model / "config.pbtxt").read_text(), model.name

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
 
 from conftest import (
     classifier_config,
@@ -454,4 +456,47 @@ def test_the_malloc_mmap_threshold_setting(start_server, args, env, expected):
 def test_a_bad_malloc_mmap_threshold_fails_the_load_with_its_name(start_server):
     triton = start_explicit(start_server, None, ["--backend-config=rust,malloc-mmap-threshold=lots"])
     assert_error(load_model(triton, CLASSIFIER), "malloc-mmap-threshold", "a number of bytes")
+    assert triton.is_healthy()
+
+
+# --- GPU-only servers (--backend-config=rust,require-gpu=true) -------------------------------
+
+
+def test_a_gpu_only_server_refuses_cpu_instances_and_still_loads_routers(start_server):
+    """A server told to run models on GPU instances only (as the Kubernetes Deployment,
+    which holds a GPU, is) refuses a KIND_CPU model with the reason instead of leaving the
+    GPU idle; on this machine without a GPU, KIND_AUTO resolves to KIND_CPU and is refused
+    too. A router runs no model, so its kind does not matter: it fails here only because
+    its targets are not loaded."""
+    triton = start_explicit(start_server, None, ["--backend-config=rust,require-gpu=true"])
+    assert_error(
+        load_model(triton, CLASSIFIER),
+        "takes GPU instances only (--backend-config=rust,require-gpu=true)",
+        "an instance_group has kind KIND_CPU: set kind: KIND_GPU",
+        "--instance-kind gpu",
+    )
+    auto = classifier_config(CLASSIFIER, task="sentiment-classifier", max_sequence_length="128")
+    auto["instance_group"] = [{"count": 1, "kind": "KIND_AUTO"}]
+    assert_error(load_model(triton, CLASSIFIER, auto), "has kind KIND_CPU")
+    router = router_config("sentiment-classifier-ab", target_ready_timeout_s="1")
+    message = error_message(load_model(triton, "sentiment-classifier-ab", router))
+    assert "sentiment-classifier" in message and "GPU instances" not in message, message
+    assert "require-gpu=true" in triton.log()
+    assert triton.is_healthy()
+
+
+def router_config(name: str, **parameters: str) -> dict:
+    """An example router's config.pbtxt as JSON, with the given parameters changed."""
+    text = (MODEL_REPOSITORY / name / "config.pbtxt").read_text()
+    config = json_format.MessageToDict(
+        text_format.Parse(text, model_config_pb2.ModelConfig()), preserving_proto_field_name=True
+    )
+    for key, value in parameters.items():
+        config["parameters"][key] = {"string_value": value}
+    return config
+
+
+def test_a_bad_require_gpu_value_fails_the_load_with_its_name(start_server):
+    triton = start_explicit(start_server, None, ["--backend-config=rust,require-gpu=yes"])
+    assert_error(load_model(triton, CLASSIFIER), "require-gpu=yes", "expected true or false")
     assert triton.is_healthy()

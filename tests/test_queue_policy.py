@@ -71,6 +71,12 @@ class Overload:
         return results
 
 
+# A heavy request that ran after `body` is answered at least one heavy run (~40 ms of
+# ONNX Runtime alone) after it; one answered within this margin ran before it, and only
+# its client thread noted the time later (8 client threads on 2 busy cores).
+CLIENT_NOISE_S = 0.02
+
+
 def answered_before(triton, overload: Overload, body) -> int:
     """How many of the queued heavy requests were answered after `body`, sent now."""
     response = triton.post(f"/v2/models/{CLASSIFIER}/infer", body)
@@ -78,7 +84,7 @@ def answered_before(triton, overload: Overload, body) -> int:
     answered = time.monotonic()
     overload.results()
     assert overload.statuses == [200] * HEAVY_REQUESTS
-    return sum(1 for finished in overload.finished if finished > answered)
+    return sum(1 for finished in overload.finished if finished > answered + CLIENT_NOISE_S)
 
 
 @pytest.fixture

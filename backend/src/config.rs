@@ -111,7 +111,13 @@ struct InstanceGroup {
     count: i64,
     #[serde(default, deserialize_with = "proto_ints")]
     gpus: Vec<i64>,
+    /// As Triton resolved it (`KIND_AUTO` becomes `KIND_GPU` where GPUs are visible).
+    #[serde(default)]
+    kind: String,
 }
+
+/// The `instance_group` kind of instances that run on a GPU.
+pub const KIND_GPU: &str = "KIND_GPU";
 
 /// The model configuration fields the backend uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +155,28 @@ impl ModelConfig {
                 count * group.gpus.len().max(1)
             })
             .sum()
+    }
+
+    /// Ok when every instance group runs on a GPU; else an error naming the first one
+    /// that does not, for servers that must not leave a GPU they hold idle.
+    pub fn require_gpu_instances(&self) -> Result<(), BackendError> {
+        match self
+            .instance_group
+            .iter()
+            .find(|group| group.kind != KIND_GPU)
+        {
+            Some(group) => Err(BackendError::Config(format!(
+                "this server takes GPU instances only (--backend-config=rust,require-gpu=true), \
+                 but an instance_group has kind {}: set kind: {KIND_GPU} \
+                 (tools/export/export_models.py --instance-kind gpu writes such configs)",
+                if group.kind.is_empty() {
+                    "unset"
+                } else {
+                    &group.kind
+                }
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// `model_transaction_policy { decoupled: true }`: responses stream.
@@ -217,6 +245,26 @@ mod tests {
                 .instance_count(),
             0
         );
+    }
+
+    #[test]
+    fn gpu_only_servers_refuse_other_instance_kinds() {
+        let config = |groups: &str| {
+            ModelConfig::from_json(&format!(r#"{{"instance_group": {groups}}}"#)).expect("valid")
+        };
+        let on_gpu = config(r#"[{"count": 1, "kind": "KIND_GPU", "gpus": [0]}]"#);
+        assert!(on_gpu.require_gpu_instances().is_ok());
+        let mixed = config(r#"[{"kind": "KIND_GPU"}, {"count": 2, "kind": "KIND_CPU"}]"#);
+        let error = mixed
+            .require_gpu_instances()
+            .expect_err("a CPU group")
+            .to_string();
+        assert!(
+            error.contains("an instance_group has kind KIND_CPU: set kind: KIND_GPU"),
+            "{error}"
+        );
+        let model = config(r#"[{"kind": "KIND_MODEL"}]"#);
+        assert!(model.require_gpu_instances().is_err());
     }
 
     #[test]

@@ -54,6 +54,9 @@ impl From<BackendError> for Error {
 /// Process-wide backend state: where ONNX Runtime comes from.
 pub struct BackendState {
     pub onnxruntime: OnnxRuntimeLibrary,
+    /// `--backend-config=rust,require-gpu=true`: a model whose instances would run on
+    /// the CPU fails its load (a pod that holds a GPU must not leave it idle).
+    pub require_gpu: bool,
 }
 
 impl BackendState {
@@ -91,7 +94,26 @@ impl BackendState {
                 log_info!("triton-rust: malloc mmap threshold left as it is ({reason})")
             }
         }
-        Ok(BackendState { onnxruntime })
+        let require_gpu = match config
+            .pointer("/cmdline/require-gpu")
+            .and_then(serde_json::Value::as_str)
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(Error::new(
+                    ErrorCode::InvalidArg,
+                    format!("--backend-config=rust,require-gpu={other}: expected true or false"),
+                ));
+            }
+        };
+        if require_gpu {
+            log_info!("triton-rust: models must run on GPU instances (require-gpu=true)");
+        }
+        Ok(BackendState {
+            onnxruntime,
+            require_gpu,
+        })
     }
 }
 
@@ -139,6 +161,7 @@ impl ModelState {
             config: &config,
             version_dir: &version_dir,
             onnxruntime: &backend.onnxruntime,
+            require_gpu: backend.require_gpu,
             server: model.server()?,
         };
         let loaded = tasks::visit_task(
@@ -212,6 +235,9 @@ impl TaskVisitor for Loader<'_> {
 
     fn visit<T: Task>(self) -> Self::Output {
         let config = self.context.config;
+        if self.context.require_gpu && T::RUNS_A_MODEL {
+            config.require_gpu_instances()?;
+        }
         let settings = tasks::parse_settings::<T>(&config.parameters)?;
         if let Some(contract) = T::contract(config.decoupled()) {
             contract.check(config, T::NAME)?;

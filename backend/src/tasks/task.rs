@@ -23,6 +23,8 @@ pub trait Task: Sized + Send + Sync + 'static {
     type Instance: Send + 'static;
     /// One request, validated and ready to run.
     type Request: Send + 'static;
+    /// Whether its instances run a model on their device; a router only forwards.
+    const RUNS_A_MODEL: bool = true;
 
     /// The inputs and outputs a configuration may declare for this task; `None` for a
     /// task that checks them itself when it loads (against another model's).
@@ -69,6 +71,8 @@ pub struct ModelContext<'a> {
     /// `<repository>/<model>/<version>/`: the version's files.
     pub version_dir: &'a Path,
     pub onnxruntime: &'a OnnxRuntimeLibrary,
+    /// `--backend-config=rust,require-gpu=true`: models run on GPU instances only.
+    pub require_gpu: bool,
     /// The server, for tasks that send requests into it.
     pub server: Server,
 }

@@ -243,6 +243,7 @@ impl Task for TrafficSplit {
     /// Each instance draws arms from its own generator.
     type Instance = ChaCha8Rng;
     type Request = ForwardedRequest;
+    const RUNS_A_MODEL: bool = false;
 
     fn contract(_decoupled: bool) -> Option<TensorContract> {
         None
