@@ -684,10 +684,13 @@ def test_image_command_serves_the_repository_and_rule_metrics(final_stage, tmp_p
     http = f"http://127.0.0.1:{ports['http-port']}"
     try:
         deadline = time.monotonic() + 120
+        metrics_url = f"http://127.0.0.1:{ports['metrics-port']}/metrics"
         while True:
             assert process.poll() is None, f"tritonserver exited:\n{log.read_text()[-4000:]}"
             try:
-                if requests.get(f"{http}/v2/health/ready", timeout=2).status_code == 200:
+                # The metrics service starts a little after the HTTP one: wait for both.
+                if (requests.get(f"{http}/v2/health/ready", timeout=2).status_code == 200
+                        and requests.get(metrics_url, timeout=2).status_code == 200):
                     break
             except requests.RequestException:
                 pass
@@ -699,7 +702,7 @@ def test_image_command_serves_the_repository_and_rule_metrics(final_stage, tmp_p
         ready = {m["name"] for m in index if m.get("state") == "READY"}
         assert ready == {m.name for m in model_dirs()}, index
 
-        metrics = requests.get(f"http://127.0.0.1:{ports['metrics-port']}/metrics", timeout=5).text
+        metrics = requests.get(metrics_url, timeout=5).text
         exported = set(re.findall(r"^(nv_[a-z_]+)[{ ]", metrics, re.M))
         # GPU metrics only exist on a machine with a GPU.
         missing = {n for n in rule_metric_names() if not n.startswith("nv_gpu_")} - exported

@@ -51,7 +51,8 @@ impl From<BackendError> for Error {
     }
 }
 
-/// Process-wide backend state: where ONNX Runtime comes from.
+/// Process-wide backend state: where ONNX Runtime comes from, and whether models must
+/// run on GPU instances.
 pub struct BackendState {
     pub onnxruntime: OnnxRuntimeLibrary,
     /// `--backend-config=rust,require-gpu=true`: a model whose instances would run on
