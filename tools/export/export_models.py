@@ -18,8 +18,9 @@ test models the same way), checked against the PyTorch model with onnxruntime, a
 by repository_layout.py as <DIR>/<MODEL>/<N>/{model.onnx,tokenizer.json,manifest.json} plus
 <DIR>/<MODEL>/config.pbtxt and the warm-up data it names, <DIR>/<MODEL>/warmup/text_input.bin.
 Exporting needs torch, transformers and optimum (tools/export/requirements.txt); --exported
-DIR skips it and lays out a directory that already holds model.onnx, tokenizer.json and the Hugging
-Face config.json, which needs only the Python standard library. See docs/real-models.md.
+DIR skips it and lays out a directory that already holds model.onnx, tokenizer.json and the
+Hugging Face config.json, which needs only the Python standard library. See
+docs/real-models.md.
 """
 
 from __future__ import annotations
@@ -255,7 +256,9 @@ def check_parity(name: str, got, want) -> None:
 def tool_versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    packages = ("torch", "transformers", "optimum", "optimum-onnx", "tokenizers", "onnx", "onnxruntime")
+    packages = (
+        "torch", "transformers", "optimum", "optimum-onnx", "tokenizers", "onnx", "onnxruntime"
+    )
     return {"python": platform.python_version(), **{name: version(name) for name in packages}}
 
 
