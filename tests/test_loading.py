@@ -289,15 +289,19 @@ def test_config_override_with_huge_thread_count_fails_fast(explicit_server):
     assert explicit_server.get("/v2/health/live").status_code == 200
 
 
-def test_config_override_applies(explicit_server):
-    labels = ["bad", "meh", "good"]
-    config = classifier_config(
+def relabelled_classifier(labels: list[str]) -> dict:
+    """The example classifier's config as an override, with other label names."""
+    return classifier_config(
         OVERRIDE_MODEL,
         task="sentiment-classifier",
         labels=",".join(labels),
         max_sequence_length="128",
     )
-    response = load_model(explicit_server, OVERRIDE_MODEL, config)
+
+
+def test_config_override_applies(explicit_server):
+    labels = ["bad", "meh", "good"]
+    response = load_model(explicit_server, OVERRIDE_MODEL, relabelled_classifier(labels))
     assert response.status_code == 200, error_message(response)
     response = infer(explicit_server, OVERRIDE_MODEL, [text_input(["I love it!", "Awful."])])
     assert response.status_code == 200, response.text[:2000]
@@ -311,13 +315,7 @@ def test_reload_under_load_fails_no_request(explicit_server):
     old_labels, new_labels = ["neg", "neu", "pos"], ["bad", "meh", "good"]
 
     def reload(labels):
-        config = classifier_config(
-            OVERRIDE_MODEL,
-            task="sentiment-classifier",
-            labels=",".join(labels),
-            max_sequence_length="128",
-        )
-        response = load_model(explicit_server, OVERRIDE_MODEL, config)
+        response = load_model(explicit_server, OVERRIDE_MODEL, relabelled_classifier(labels))
         assert response.status_code == 200, error_message(response)
 
     def labels_now() -> set[str]:
