@@ -1,7 +1,7 @@
 //! Batching across executions, for models Triton does not batch (`max_batch_size: 0`,
 //! so the classic one-text payload keeps its shape): `execute` queues each request in
-//! the model version's queue and returns; each instance has a thread that takes all
-//! the requests that queued while it was busy and runs them as one batch
+//! the model version's queue and returns; each instance has a thread that takes its
+//! share of the requests that queued while it was busy and runs them as one batch
 //! ([`Task::batch_across_executions`]). The instances share the queue, so a request
 //! waits for the first instance to be free, not for the one Triton gave it to.
 
@@ -31,7 +31,8 @@ pub struct RequestBatcher<T: Task> {
 
 impl<T: Task> RequestBatcher<T> {
     /// Starts the thread named after `instance`, which owns the instance's state from
-    /// now on and runs batches of at most `rows` rows taken from `queue`.
+    /// now on and runs batches of at most `rows` rows (and at most its share of what is
+    /// queued, see `WorkQueue::take_share`) taken from `queue`.
     pub fn start(
         instance: &str,
         task: Arc<T>,
@@ -40,16 +41,7 @@ impl<T: Task> RequestBatcher<T> {
         rows: usize,
     ) -> Result<Self, BackendError> {
         let worker = QueueWorker::join(format!("batch {instance}"), queue, move |queue| {
-            loop {
-                let mut taken = 0;
-                let batch = queue.take(false, |_, more| {
-                    let fits = taken == 0 || taken + more <= rows;
-                    taken += more;
-                    fits
-                });
-                let Some(batch) = batch else {
-                    return;
-                };
+            while let Some(batch) = queue.take_share(rows) {
                 execute_guarded(&*task, &mut state, batch);
             }
         })?;

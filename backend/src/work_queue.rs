@@ -94,6 +94,33 @@ impl<R> WorkQueue<R> {
         Some(taken)
     }
 
+    /// The items at the front, at most `max_rows` rows (at least one item) and at most a
+    /// fair share of what is queued: its rows divided among the queue's workers, rounded
+    /// up. A worker free while the others are busy then leaves the rest to the next one
+    /// free instead of running everything in one long batch. Waits as `take` does.
+    fn take_share(&self, leaving: &AtomicBool, max_rows: usize) -> Option<Vec<R>> {
+        let mut waiting = self.lock();
+        while waiting.items.is_empty() && !leaving.load(Ordering::Relaxed) {
+            waiting = self.wait(waiting);
+        }
+        if waiting.items.is_empty() {
+            return None;
+        }
+        let share = waiting.rows.div_ceil(waiting.workers.max(1)).min(max_rows);
+        let mut taken_rows = 0;
+        let mut taken = Vec::new();
+        while let Some(&(_, rows)) = waiting.items.front() {
+            if !taken.is_empty() && taken_rows + rows > share {
+                break;
+            }
+            taken_rows += rows;
+            waiting.rows -= rows;
+            taken.extend(waiting.items.pop_front().map(|(item, _)| item));
+        }
+        self.changed.notify_all();
+        Some(taken)
+    }
+
     /// One more worker takes from the queue.
     fn arrive(&self) {
         self.lock().workers += 1;
@@ -120,6 +147,11 @@ impl<R> Intake<R> {
     /// empty and the worker is not `busy`.
     pub fn take(&self, busy: bool, admit: impl FnMut(&R, usize) -> bool) -> Option<Vec<R>> {
         self.queue.take(busy, &self.leaving, admit)
+    }
+
+    /// See [`WorkQueue::take_share`].
+    pub fn take_share(&self, max_rows: usize) -> Option<Vec<R>> {
+        self.queue.take_share(&self.leaving, max_rows)
     }
 }
 
@@ -222,6 +254,28 @@ mod tests {
         );
         queue.leave(&leaving);
         assert_eq!(queue.take(false, &leaving, |_, _| true), None);
+    }
+
+    #[test]
+    fn a_worker_takes_its_share_of_what_is_queued() {
+        let queue = WorkQueue::new(64);
+        let leaving = AtomicBool::new(false);
+        queue.arrive();
+        queue.arrive();
+        for item in 0..7 {
+            queue.submit(item, 1);
+        }
+        // Two workers: 7 rows queued, 4 for the one that takes first.
+        assert_eq!(queue.take_share(&leaving, 64), Some(vec![0, 1, 2, 3]));
+        assert_eq!(queue.take_share(&leaving, 64), Some(vec![4, 5]));
+        // At most max_rows, and an item larger than the share still goes alone.
+        queue.submit(7, 1);
+        queue.submit(8, 9);
+        assert_eq!(queue.take_share(&leaving, 1), Some(vec![6]));
+        assert_eq!(queue.take_share(&leaving, 64), Some(vec![7]));
+        assert_eq!(queue.take_share(&leaving, 64), Some(vec![8]));
+        queue.leave(&leaving);
+        assert_eq!(queue.take_share(&leaving, 64), None);
     }
 
     #[test]
