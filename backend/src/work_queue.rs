@@ -70,7 +70,33 @@ impl<R> WorkQueue<R> {
         &self,
         busy: bool,
         leaving: &AtomicBool,
-        mut admit: impl FnMut(&R, usize) -> bool,
+        admit: impl FnMut(&R, usize) -> bool,
+    ) -> Option<Vec<R>> {
+        self.take_with(busy, leaving, |_| admit)
+    }
+
+    /// The items at the front, at most `max_rows` rows (at least one item) and at most a
+    /// fair share of what is queued: its rows divided among the queue's workers, rounded
+    /// up. A worker free while the others are busy then leaves the rest to the next one
+    /// free instead of running everything in one long batch. Waits as `take` does.
+    fn take_share(&self, leaving: &AtomicBool, max_rows: usize) -> Option<Vec<R>> {
+        self.take_with(false, leaving, |waiting| {
+            let share = waiting.rows.div_ceil(waiting.workers.max(1)).min(max_rows);
+            let mut taken = 0;
+            move |_, rows| {
+                let fits = taken == 0 || taken + rows <= share;
+                taken += rows;
+                fits
+            }
+        })
+    }
+
+    /// `take`, with the admitting function made from the queue as the take finds it.
+    fn take_with<A: FnMut(&R, usize) -> bool>(
+        &self,
+        busy: bool,
+        leaving: &AtomicBool,
+        admit_for: impl FnOnce(&Waiting<R>) -> A,
     ) -> Option<Vec<R>> {
         let mut waiting = self.lock();
         while !busy && waiting.items.is_empty() && !leaving.load(Ordering::Relaxed) {
@@ -79,6 +105,7 @@ impl<R> WorkQueue<R> {
         if !busy && waiting.items.is_empty() {
             return None;
         }
+        let mut admit = admit_for(&waiting);
         let mut taken = Vec::new();
         while let Some((item, rows)) = waiting.items.front() {
             if !admit(item, *rows) {
@@ -91,33 +118,6 @@ impl<R> WorkQueue<R> {
         if !taken.is_empty() {
             self.changed.notify_all();
         }
-        Some(taken)
-    }
-
-    /// The items at the front, at most `max_rows` rows (at least one item) and at most a
-    /// fair share of what is queued: its rows divided among the queue's workers, rounded
-    /// up. A worker free while the others are busy then leaves the rest to the next one
-    /// free instead of running everything in one long batch. Waits as `take` does.
-    fn take_share(&self, leaving: &AtomicBool, max_rows: usize) -> Option<Vec<R>> {
-        let mut waiting = self.lock();
-        while waiting.items.is_empty() && !leaving.load(Ordering::Relaxed) {
-            waiting = self.wait(waiting);
-        }
-        if waiting.items.is_empty() {
-            return None;
-        }
-        let share = waiting.rows.div_ceil(waiting.workers.max(1)).min(max_rows);
-        let mut taken_rows = 0;
-        let mut taken = Vec::new();
-        while let Some(&(_, rows)) = waiting.items.front() {
-            if !taken.is_empty() && taken_rows + rows > share {
-                break;
-            }
-            taken_rows += rows;
-            waiting.rows -= rows;
-            taken.extend(waiting.items.pop_front().map(|(item, _)| item));
-        }
-        self.changed.notify_all();
         Some(taken)
     }
 
