@@ -271,6 +271,22 @@ def outputs_by_name(response: requests.Response) -> dict:
     return {output["name"]: output for output in response.json()["outputs"]}
 
 
+def assert_greedy_reference(server, model: str, version: str) -> None:
+    """`model` (a `text-generation` model answering in one response) generates, for each
+    reference prompt of `version`, the prompt plus the reference's greedy new text."""
+    reference = load_reference("gpt2-small")
+    for case in reference["versions"][version]:
+        body = {
+            "inputs": [text_input([case["prompt"]])],
+            "parameters": {"do_sample": False, "max_new_tokens": reference["max_new_tokens"]},
+        }
+        response = server.post(f"/v2/models/{model}/versions/{version}/infer", body)
+        assert response.status_code == 200, response.text
+        assert outputs_by_name(response)["generated_text"]["data"] == [
+            case["prompt"] + case["new_text"]
+        ]
+
+
 def error_message(response: requests.Response) -> str:
     """The `error` field of a KServe error body ('' if there is none)."""
     try:

@@ -30,6 +30,7 @@ from tritonclient.utils import serialize_byte_tensor
 from conftest import (
     MODEL_REPOSITORY,
     REPO_ROOT,
+    assert_greedy_reference,
     infer,
     load_reference,
     outputs_by_name,
@@ -556,17 +557,7 @@ def test_exported_encoder_answers_like_the_reference(exported_server, version):
 
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_exported_decoder_generates_the_reference_greedy_text(exported_server, version):
-    reference = load_reference(DECODER)
-    for case in reference["versions"][version]:
-        body = {
-            "inputs": [text_input([case["prompt"]])],
-            "parameters": {"do_sample": False, "max_new_tokens": reference["max_new_tokens"]},
-        }
-        response = exported_server.post(f"/v2/models/{DECODER}/versions/{version}/infer", body)
-        assert response.status_code == 200, response.text
-        assert outputs_by_name(response)["generated_text"]["data"] == [
-            case["prompt"] + case["new_text"]
-        ]
+    assert_greedy_reference(exported_server, DECODER, version)
 
 
 def test_exported_configs_are_served_as_written(exported_server):

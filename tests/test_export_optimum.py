@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import (
     REPO_ROOT,
+    assert_greedy_reference,
     infer,
     load_reference,
     outputs_by_name,
@@ -119,15 +120,5 @@ def test_exported_encoder_answers_like_the_reference(exported_server):
 
 
 def test_exported_decoder_generates_the_reference_greedy_text(exported_server):
-    reference = load_reference(DECODER)
-    for case in reference["versions"]["1"]:
-        body = {
-            "inputs": [text_input([case["prompt"]])],
-            "parameters": {"do_sample": False, "max_new_tokens": reference["max_new_tokens"]},
-        }
-        response = exported_server.post(f"/v2/models/{DECODER}/infer", body)
-        assert response.status_code == 200, response.text
-        assert outputs_by_name(response)["generated_text"]["data"] == [
-            case["prompt"] + case["new_text"]
-        ]
+    assert_greedy_reference(exported_server, DECODER, "1")
 
