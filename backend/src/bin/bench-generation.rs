@@ -13,6 +13,8 @@
 //!   BENCH_ROUNDS          timed rounds per case; the median is reported (default 5)
 //!   BENCH_THREADS         intra-op threads (default 1)
 //!   BENCH_DEVICE          "cpu" (default) or "cuda" (needs the CUDA build of ORT)
+//!   BENCH_SAMPLE          1: sample as the shipped models do (temperature 0.7, a fixed
+//!                         seed) instead of greedy decoding (default 0)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,20 +51,30 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-fn request(generator: &Generator, batch: usize, new_tokens: usize) -> GenerationRequest {
+fn request(
+    generator: &Generator,
+    batch: usize,
+    new_tokens: usize,
+    sample: bool,
+) -> GenerationRequest {
     let prompts: Vec<&str> = PROMPTS.iter().copied().cycle().take(batch).collect();
     let text = InputTensor {
         datatype: DataType::Bytes,
         shape: vec![batch as i64],
         data: bytes_tensor::encode_elements(&prompts).into(),
     };
-    let parameters = [
-        ("do_sample".to_string(), ParameterValue::Bool(false)),
+    let mut parameters = vec![
+        ("do_sample".to_string(), ParameterValue::Bool(sample)),
         (
             "max_new_tokens".to_string(),
             ParameterValue::Int(new_tokens as i64),
         ),
     ];
+    if sample {
+        // A fixed seed: both paths draw the same numbers, so they must agree.
+        parameters.push(("temperature".to_string(), ParameterValue::Double(0.7)));
+        parameters.push(("seed".to_string(), ParameterValue::Int(1)));
+    }
     generator
         .prepare(&text, None, &parameters, ResponseOptions::default())
         .expect("a valid benchmark request")
@@ -117,6 +129,7 @@ fn main() {
     let new_tokens: usize = env_or("BENCH_NEW_TOKENS", 64);
     let rounds: usize = env_or("BENCH_ROUNDS", 5);
     let threads: usize = env_or("BENCH_THREADS", 1);
+    let sample = env_or("BENCH_SAMPLE", 0) == 1;
     let device = match std::env::var("BENCH_DEVICE").as_deref() {
         Ok("cuda") => Device::Cuda { device_id: 0 },
         Ok("cpu") | Err(_) => Device::Cpu,
@@ -145,13 +158,18 @@ fn main() {
 
     println!(
         "model {} on {device:?}, {threads} intra-op thread(s), {new_tokens} new tokens per prompt, \
-         median of {rounds} rounds",
-        model_dir.display()
+         {}, median of {rounds} rounds",
+        model_dir.display(),
+        if sample {
+            "sampling (temperature 0.7)"
+        } else {
+            "greedy"
+        }
     );
     println!("| batch | tokens | with KV cache (tok/s) | without cache (tok/s) | speed-up |");
     println!("|---:|---:|---:|---:|---:|");
     for batch in [1, 8] {
-        let request = request(&cached, batch, new_tokens);
+        let request = request(&cached, batch, new_tokens, sample);
         // Untimed first runs: ONNX Runtime plans its kernels on the first shapes it sees.
         let (_, reference, tokens) = timed(&cached, &mut session, &mut binding, &request);
         let (_, baseline, _) = timed(&uncached, &mut session, &mut binding, &request);
