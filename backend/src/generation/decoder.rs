@@ -65,6 +65,17 @@ fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
     )?)
 }
 
+/// The samplers count vocabulary places as `f32`, exact up to 2^24: a decoder whose
+/// `logits` declare a larger vocabulary (`size`, -1 where it is not fixed) is refused.
+fn check_vocabulary(size: Option<i64>) -> Result<(), BackendError> {
+    match size {
+        Some(size) if size > 1 << 24 => Err(BackendError::Unsupported(format!(
+            "the decoder's vocabulary has {size} tokens; the samplers take at most 2^24"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl DecoderBinding {
     /// Checks the decoder's inputs and outputs, and builds the token-choosing graphs
     /// with the decoder's session `options` (so on its device).
@@ -136,6 +147,15 @@ impl DecoderBinding {
                 ));
             }
         };
+        let vocabulary = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .and_then(|o| match o.dtype() {
+                ValueType::Tensor { shape, .. } => shape.last().copied(),
+                _ => None,
+            });
+        check_vocabulary(vocabulary)?;
         Ok(DecoderBinding {
             layers,
             heads,
@@ -372,4 +392,18 @@ fn choose_on_device(
         )));
     }
     Ok(ids.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabularies_past_what_an_f32_counts_exactly_are_refused() {
+        for fine in [None, Some(-1), Some(2000), Some(50257), Some(1 << 24)] {
+            assert!(check_vocabulary(fine).is_ok(), "{fine:?}");
+        }
+        let error = check_vocabulary(Some((1 << 24) + 1)).expect_err("too large");
+        assert!(error.to_string().contains("at most 2^24"), "{error}");
+    }
 }
