@@ -5,7 +5,7 @@
 use ort::environment::Environment;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor, ValueType};
+use ort::value::{DynValue, Outlet, Tensor, ValueType};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::RngCore;
 
@@ -63,6 +63,18 @@ fn memory_info(device: Device) -> Result<MemoryInfo<'static>, BackendError> {
         AllocatorType::Device,
         MemoryType::Default,
     )?)
+}
+
+/// The shape the graph declares for its tensor input or output `name` (-1 where a
+/// dimension is not fixed).
+fn declared_shape(outlets: &[Outlet], name: &str) -> Option<Vec<i64>> {
+    outlets
+        .iter()
+        .find(|o| o.name() == name)
+        .and_then(|o| match o.dtype() {
+            ValueType::Tensor { shape, .. } => Some(shape.to_vec()),
+            _ => None,
+        })
 }
 
 /// The samplers count vocabulary places as `f32`, exact up to 2^24: a decoder whose
@@ -128,14 +140,7 @@ impl DecoderBinding {
         if !outputs.contains(&"logits") {
             return unsupported("the decoder has no 'logits' output".into());
         }
-        let cache_shape = session
-            .inputs()
-            .iter()
-            .find(|o| o.name() == "past_key_values.0.key")
-            .and_then(|o| match o.dtype() {
-                ValueType::Tensor { shape, .. } => Some(shape.to_vec()),
-                _ => None,
-            });
+        let cache_shape = declared_shape(session.inputs(), "past_key_values.0.key");
         let (heads, head_dim) = match cache_shape.as_deref() {
             Some([_, heads, _, head_dim]) if *heads > 0 && *head_dim > 0 => {
                 (*heads as usize, *head_dim as usize)
@@ -147,15 +152,9 @@ impl DecoderBinding {
                 ));
             }
         };
-        let vocabulary = session
-            .outputs()
-            .iter()
-            .find(|o| o.name() == "logits")
-            .and_then(|o| match o.dtype() {
-                ValueType::Tensor { shape, .. } => shape.last().copied(),
-                _ => None,
-            });
-        check_vocabulary(vocabulary)?;
+        check_vocabulary(
+            declared_shape(session.outputs(), "logits").and_then(|s| s.last().copied()),
+        )?;
         Ok(DecoderBinding {
             layers,
             heads,
