@@ -4,6 +4,9 @@
 //! leaves as soon as it ends (end of text, `max_new_tokens`, a stop string, the
 //! context, or its request cancelled) without holding up the others. A request is
 //! answered when its last row ends; a streaming one gets its text as it is decoded.
+//!
+//! An ended row's cache row stays behind, vacant, for a few steps: the next join's
+//! merge drops it, so under steady load a leave costs no cache merge of its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +27,11 @@ use super::text_stream::TextStream;
 use super::{GenerationRequest, Generator};
 use crate::error::BackendError;
 use crate::responder::{Pending, Responder};
+
+/// Steps a vacant cache row waits for a join before the batch merges without one: each
+/// step it waits costs the decoder one row, a merge of its own costs about as much as a
+/// few rows of a step.
+const VACANCY_STEPS: usize = 4;
 
 /// A request whose rows are running.
 struct Active {
@@ -92,7 +100,11 @@ impl<'g> RunningBatch<'g> {
 
     /// Rows (sequences) running.
     pub fn rows(&self) -> usize {
-        self.rows.len()
+        self.live_rows().count()
+    }
+
+    fn live_rows(&self) -> impl Iterator<Item = &Row<'g>> {
+        self.rows.iter().filter(|row| !row.is_vacant())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,8 +113,7 @@ impl<'g> RunningBatch<'g> {
 
     /// The most tokens a running row may reach (what its cache may grow to).
     pub fn longest_reach(&self) -> usize {
-        self.rows
-            .iter()
+        self.live_rows()
             .map(|row| self.generator.reach(row.prompt.len(), &row.params))
             .max()
             .unwrap_or(0)
@@ -143,9 +154,9 @@ impl<'g> RunningBatch<'g> {
         }
     }
 
-    /// One new token for every running row; rows that end leave the batch.
+    /// One new token for every running row; rows that end are answered.
     pub fn step(&mut self, session: &mut Session, binding: &mut DecoderBinding) {
-        for row in &mut self.rows {
+        for row in self.rows.iter_mut().filter(|row| !row.is_vacant()) {
             let stops = self
                 .requests
                 .get(&row.request)
@@ -163,6 +174,13 @@ impl<'g> RunningBatch<'g> {
         if let Err(error) = stepped {
             self.fail_all(&error);
             return;
+        }
+        for waited in self
+            .rows
+            .iter_mut()
+            .filter_map(|row| row.vacant_for.as_mut())
+        {
+            *waited += 1;
         }
         self.send_pieces();
         let all = self.rows.len();
@@ -201,6 +219,7 @@ impl<'g> RunningBatch<'g> {
                 padding: 0,
                 last_token_at: None,
                 finished: None,
+                vacant_for: None,
             });
         }
         self.requests.insert(
@@ -335,6 +354,9 @@ impl<'g> RunningBatch<'g> {
         let generator = self.generator;
         let now = Instant::now();
         for (row, token) in rows.iter_mut().zip(chosen) {
+            if row.is_vacant() {
+                continue;
+            }
             if token == generator.eos_id {
                 row.finished = Some(FinishReason::Stop);
                 continue;
@@ -365,7 +387,7 @@ impl<'g> RunningBatch<'g> {
     /// request that cannot take more text stops generating (at the next step).
     fn send_pieces(&mut self) {
         let mut pieces: HashMap<u64, Vec<String>> = HashMap::new();
-        for row in &mut self.rows {
+        for row in self.rows.iter_mut().filter(|row| !row.is_vacant()) {
             let Some(active) = self.requests.get(&row.request) else {
                 continue;
             };
@@ -397,24 +419,36 @@ impl<'g> RunningBatch<'g> {
         }
     }
 
-    /// Rows that ended leave, and the rows from `first` on (with their cache,
-    /// `joining`) join: the cache is merged on the decoder's device, and a request
-    /// whose last row ended is answered.
+    /// Rows that ended are answered and their cache rows become vacant. Then, if rows
+    /// from `first` on join (with their cache, `joining`) or a vacancy waited long
+    /// enough, the cache is merged on the decoder's device: the vacant rows leave, the
+    /// joining ones are added.
     fn settle(
         &mut self,
         binding: &mut DecoderBinding,
         first: usize,
         joining: Option<(Vec<DynValue>, usize)>,
     ) -> Result<(), BackendError> {
+        self.answer_ended();
+        if self.live_rows().next().is_none() {
+            self.rows.clear();
+            self.cache.clear();
+            self.width = 0;
+            return Ok(());
+        }
         let joins = first < self.rows.len();
-        if !joins && !self.rows.iter().any(|row| row.finished.is_some()) {
+        let vacancy_due = self.rows.iter().any(|row| {
+            row.vacant_for
+                .is_some_and(|waited| waited >= VACANCY_STEPS || !self.generator.use_cache)
+        });
+        if !joins && !vacancy_due {
             return Ok(());
         }
         if self.generator.use_cache {
             let kept = |rows: &[Row<'_>]| -> Vec<(usize, usize)> {
                 rows.iter()
                     .enumerate()
-                    .filter(|(_, row)| row.finished.is_none())
+                    .filter(|(_, row)| !row.is_vacant())
                     .map(|(index, row)| (index, row.padding))
                     .collect()
             };
@@ -433,30 +467,33 @@ impl<'g> RunningBatch<'g> {
             self.width = width;
             let (staying_rows, joining_rows) = self.rows.split_at_mut(first);
             for (side, rows) in [staying_rows, joining_rows].into_iter().enumerate() {
-                for row in rows.iter_mut().filter(|row| row.finished.is_none()) {
+                for row in rows.iter_mut().filter(|row| !row.is_vacant()) {
                     row.padding = row.padding - plans[side].trim + plans[side].pad;
                 }
             }
         }
-        let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rows)
-            .into_iter()
-            .partition(|row| row.finished.is_some());
-        self.rows = running;
-        if self.rows.is_empty() {
-            self.cache.clear();
-            self.width = 0;
-        }
-        for row in ended {
+        self.rows.retain(|row| !row.is_vacant());
+        Ok(())
+    }
+
+    /// Answers the rows that ended since the last settle; they become vacant.
+    fn answer_ended(&mut self) {
+        let mut rows = std::mem::take(&mut self.rows);
+        for row in rows
+            .iter_mut()
+            .filter(|row| row.finished.is_some() && !row.is_vacant())
+        {
             if let Some(metrics) = self.metrics {
                 metrics.left(row.finished);
             }
             self.end_row(row);
+            row.vacant_for = Some(0);
         }
-        Ok(())
+        self.rows = rows;
     }
 
     /// Keeps an ended row's text; answers its request when it was the last.
-    fn end_row(&mut self, row: Row<'_>) {
+    fn end_row(&mut self, row: &Row<'_>) {
         let Some(active) = self.requests.get_mut(&row.request) else {
             return;
         };
@@ -468,7 +505,7 @@ impl<'g> RunningBatch<'g> {
         }
         if !active.recipient.is_broken() {
             let text = self.generator.final_text(
-                &row,
+                row,
                 &active.prompts,
                 &active.params,
                 active.stream,
@@ -525,7 +562,7 @@ impl<'g> RunningBatch<'g> {
             }
         }
         if let Some(metrics) = self.metrics {
-            for _ in self.rows.drain(..) {
+            for _ in self.rows.drain(..).filter(|row| !row.is_vacant()) {
                 metrics.left(None);
             }
         }

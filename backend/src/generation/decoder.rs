@@ -221,7 +221,7 @@ impl DecoderBinding {
     /// Each row's next token, chosen on the device from logits left there, by the graph
     /// its own settings need ([`SamplerRow::chooser`]): sampling rows draw the next
     /// number of their random generator; greedy rows take the most likely token (after
-    /// the repetition penalty).
+    /// the repetition penalty). Vacant rows get none (their entry is 0).
     pub(super) fn choose(
         &mut self,
         logits: &DynValue,
@@ -236,7 +236,7 @@ impl DecoderBinding {
             let selected: Vec<usize> = rows
                 .iter()
                 .enumerate()
-                .filter(|(_, row)| SamplerRow::chooser(&row.params) == chooser)
+                .filter(|(_, row)| !row.is_vacant() && SamplerRow::chooser(&row.params) == chooser)
                 .map(|(index, _)| index)
                 .collect();
             if selected.is_empty() {

@@ -49,13 +49,20 @@ pub(super) struct Row<'g> {
     pub padding: usize,
     /// When its latest token was chosen.
     pub last_token_at: Option<Instant>,
-    /// Set once the row has ended; it leaves the batch at the next settle.
+    /// Set once the row has ended; it is answered at the next settle.
     pub finished: Option<FinishReason>,
+    /// Steps since the row ended and was answered, while its cache row waits for the
+    /// next merge to drop it (see [`super::batch`]); `None` while it runs.
+    pub vacant_for: Option<usize>,
 }
 
 impl Row<'_> {
     /// The tokens the decoder has seen or will see next: prompt, then generated.
     pub fn length(&self) -> usize {
         self.prompt.len() + self.generated.len()
+    }
+
+    pub fn is_vacant(&self) -> bool {
+        self.vacant_for.is_some()
     }
 }
