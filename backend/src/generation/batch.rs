@@ -5,12 +5,14 @@
 //! context, or its request cancelled) without holding up the others. A request is
 //! answered when its last row ends; a streaming one gets its text as it is decoded.
 //!
-//! An ended row's cache row stays behind, vacant, for a few steps: the next join's
-//! merge drops it, so under steady load a leave costs no cache merge of its own.
+//! An ended row's cache row stays behind, vacant, while waiting costs less than a
+//! merge: the next join's merge drops it, so under steady load a leave costs no cache
+//! merge of its own where merges are dear next to a row of a step (a small model), and
+//! costs one at once where they are not (a large one).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
@@ -28,10 +30,53 @@ use super::{GenerationRequest, Generator};
 use crate::error::BackendError;
 use crate::responder::{Pending, Responder};
 
-/// Steps a vacant cache row waits for a join before the batch merges without one: each
-/// step it waits costs the decoder one row, a merge of its own costs about as much as a
-/// few rows of a step.
-const VACANCY_STEPS: usize = 4;
+/// The most steps a vacant cache row waits for a join, whatever the timings say.
+const VACANCY_STEPS: u32 = 16;
+
+/// What the batch's runs have taken lately (moving averages), to weigh keeping a
+/// vacant cache row against merging it away.
+#[derive(Debug, Default, Clone, Copy)]
+struct RunTimes {
+    /// A step (decoder and choosing) of one row: warm-up and lone requests measure it.
+    one_row_step: Duration,
+    /// What one more row adds to a step: what a vacant row costs.
+    row_step: Duration,
+    merge: Duration,
+}
+
+impl RunTimes {
+    fn record(average: &mut Duration, took: Duration) {
+        *average = if average.is_zero() {
+            took
+        } else {
+            (*average * 7 + took) / 8
+        };
+    }
+
+    /// A step of `rows` rows took `took`. Beyond one row, what a row adds is the
+    /// difference from a step of one row (over the rows added), or, while no step of
+    /// one row was measured or one took longer, the step's time over its rows.
+    fn stepped(&mut self, rows: usize, took: Duration) {
+        let rows = u32::try_from(rows).unwrap_or(u32::MAX);
+        if rows <= 1 {
+            Self::record(&mut self.one_row_step, took);
+            return;
+        }
+        let added = match took.checked_sub(self.one_row_step) {
+            Some(added) if !self.one_row_step.is_zero() => added / (rows - 1),
+            _ => took / rows,
+        };
+        Self::record(&mut self.row_step, added);
+    }
+
+    /// Whether a vacancy that waited `waited` steps should be merged away now: one
+    /// more step of waiting would bring its cost past a merge's (as in ski rental:
+    /// wait while what waiting cost stays below what ending it costs).
+    fn vacancy_due(&self, waited: usize) -> bool {
+        let steps = u32::try_from(waited).unwrap_or(u32::MAX).saturating_add(1);
+        steps > VACANCY_STEPS || self.row_step * steps > self.merge
+    }
+}
 
 /// A request whose rows are running.
 struct Active {
@@ -76,6 +121,7 @@ pub struct RunningBatch<'g> {
     cache: Vec<DynValue>,
     width: usize,
     outbox: Outbox,
+    times: RunTimes,
     /// Where the batch's work is counted (not for the load-time probe).
     metrics: Option<&'g dyn GenerationObserver>,
 }
@@ -95,6 +141,7 @@ impl<'g> RunningBatch<'g> {
             next_request: 0,
             cache: Vec::new(),
             width: 0,
+            times: RunTimes::default(),
         }
     }
 
@@ -166,10 +213,12 @@ impl<'g> RunningBatch<'g> {
         let all = self.rows.len();
         let stepped = self.settle(binding, all, None).and_then(|()| {
             if self.rows.is_empty() {
-                Ok(())
-            } else {
-                self.decode(session, binding)
+                return Ok(());
             }
+            let started = Instant::now();
+            self.decode(session, binding)?;
+            self.times.stepped(self.rows.len(), started.elapsed());
+            Ok(())
         });
         if let Err(error) = stepped {
             self.fail_all(&error);
@@ -439,7 +488,7 @@ impl<'g> RunningBatch<'g> {
         let joins = first < self.rows.len();
         let vacancy_due = self.rows.iter().any(|row| {
             row.vacant_for
-                .is_some_and(|waited| waited >= VACANCY_STEPS || !self.generator.use_cache)
+                .is_some_and(|waited| !self.generator.use_cache || self.times.vacancy_due(waited))
         });
         if !joins && !vacancy_due {
             return Ok(());
@@ -463,7 +512,9 @@ impl<'g> RunningBatch<'g> {
                 cache if cache.is_empty() => binding.empty_cache(0)?,
                 cache => cache,
             };
+            let started = Instant::now();
             self.cache = binding.merge_caches(staying_cache, joining, &plans)?;
+            RunTimes::record(&mut self.times.merge, started.elapsed());
             self.width = width;
             let (staying_rows, joining_rows) = self.rows.split_at_mut(first);
             for (side, rows) in [staying_rows, joining_rows].into_iter().enumerate() {
@@ -632,5 +683,57 @@ pub fn generate_all(
     batch.admit(session, binding, pending);
     while !batch.is_empty() {
         batch.step(session, binding);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micros(us: u64) -> Duration {
+        Duration::from_micros(us)
+    }
+
+    #[test]
+    fn a_row_costs_what_it_adds_to_a_step_of_one_row() {
+        let mut times = RunTimes::default();
+        times.stepped(8, micros(400));
+        assert_eq!(
+            times.row_step,
+            micros(50),
+            "no step of one row yet: over its rows"
+        );
+        let mut times = RunTimes::default();
+        times.stepped(1, micros(200));
+        times.stepped(8, micros(340));
+        assert_eq!(times.row_step, micros(20));
+        // A step faster than one row's (noise) counts as its time over its rows.
+        times.stepped(2, micros(150));
+        assert_eq!(times.row_step, (micros(20) * 7 + micros(75)) / 8);
+    }
+
+    #[test]
+    fn a_vacancy_waits_while_its_cost_stays_within_a_merge() {
+        let cheap_rows = RunTimes {
+            one_row_step: micros(200),
+            row_step: micros(20),
+            merge: micros(100),
+        };
+        let waits = (0..)
+            .take_while(|&waited| !cheap_rows.vacancy_due(waited))
+            .count();
+        assert_eq!(waits, 5, "five steps of 20 µs fit in a 100 µs merge");
+        let dear_rows = RunTimes {
+            row_step: micros(5_000),
+            merge: micros(3_000),
+            ..cheap_rows
+        };
+        assert!(dear_rows.vacancy_due(0), "merged at once");
+        let free_rows = RunTimes {
+            row_step: Duration::ZERO,
+            ..cheap_rows
+        };
+        assert!(!free_rows.vacancy_due(15));
+        assert!(free_rows.vacancy_due(16), "never past VACANCY_STEPS");
     }
 }
