@@ -148,6 +148,26 @@ def test_a_cancelled_request_leaves_and_the_others_run_on(server):
     assert kept.generated_tokens == 120
 
 
+def test_long_generations_beside_a_churn_of_short_ones_stay_inside_the_context(server):
+    """Generations that run close to the context (128 tokens) while short requests keep
+    joining and leaving: the rows that end leave the batch's cache in time for it never
+    to outgrow the context, and every answer is what the same request gets alone."""
+    long_prompts, short_prompts = ["Hi", "Hello", "Hi"], ["Hi"]
+    jobs = [(long_prompts, greedy(120)) if i % 3 == 0 else (short_prompts, greedy(1 + i % 2))
+            for i in range(90)]
+    alone = {(tuple(p), j["max_new_tokens"]): generate(server, "gpt2-small", "1", p, j)
+             for p, j in jobs[:3]}
+
+    def send(job):
+        prompts, parameters = job
+        return generate(server, "gpt2-small", "1", prompts, parameters)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, jobs))
+    for (prompts, parameters), texts in zip(jobs, answers):
+        assert texts == alone[(tuple(prompts), parameters["max_new_tokens"])], parameters
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_greedy_answers_equal_the_reference_under_staggered_mixed_load(server, version):
     """Requests of different prompts, lengths and settings arrive one after another

@@ -486,9 +486,16 @@ impl<'g> RunningBatch<'g> {
             return Ok(());
         }
         let joins = first < self.rows.len();
+        // The cache grows a column a step and only a merge trims the padding the live
+        // rows share: vacancies go before the next step could pass the context or the
+        // cache positions that admission allowed.
+        let next_width = self.width + 1;
+        let outgrows = next_width > self.generator.context_length
+            || self.rows.len().saturating_mul(next_width) > self.generator.limits().max_tokens;
         let vacancy_due = self.rows.iter().any(|row| {
-            row.vacant_for
-                .is_some_and(|waited| !self.generator.use_cache || self.times.vacancy_due(waited))
+            row.vacant_for.is_some_and(|waited| {
+                outgrows || !self.generator.use_cache || self.times.vacancy_due(waited)
+            })
         });
         if !joins && !vacancy_due {
             return Ok(());
