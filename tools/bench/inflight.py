@@ -109,15 +109,23 @@ def main() -> int:
                       f"{median(model, concurrency, 'infer_per_s'):.1f} | "
                       f"{median(model, concurrency, 'p50_ms'):.1f} / {median(model, concurrency, 'p99_ms'):.1f} | "
                       f"{first} |")
+    def ratio(model: str, key: str) -> str:
+        """Concurrency 8's median over concurrency 1's, then each round's own ratio (its
+        two cells were measured back to back), so a ratio's spread shows beside it."""
+        overall = f"{median(model, 8, key) / median(model, 1, key):.2f}×"
+        if rounds < 2:
+            return overall
+        each = ", ".join(f"{eight[key] / one[key]:.2f}×"
+                         for one, eight in zip(results[(model, 1)], results[(model, 8)]))
+        return f"{overall} (rounds: {each})"
+
     print("\n| concurrency 8 / concurrency 1 | batching | generations/s | time to first token p99 |")
     print("|---|---|---:|---:|")
     for case in cases:
         for suffix, label in labels:
             model = case.model + suffix
-            throughput = median(model, 8, "infer_per_s") / median(model, 1, "infer_per_s")
-            ttft = (f"{median(model, 8, 'ttft_p99_ms') / median(model, 1, 'ttft_p99_ms'):.2f}×"
-                    if case.streaming else "—")
-            print(f"| `{case.model}` | {label} | {throughput:.2f}× | {ttft} |")
+            ttft = ratio(model, "ttft_p99_ms") if case.streaming else "—"
+            print(f"| `{case.model}` | {label} | {ratio(model, 'infer_per_s')} | {ttft} |")
     print(f"\n(median of {rounds} rounds per cell of {interval} ms windows"
           f"{', 20000 ms for gpt2-base' if REAL_SIZE in cases else ''}; {stability_note(results)})")
     return 0
