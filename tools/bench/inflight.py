@@ -109,6 +109,7 @@ def main() -> int:
                       f"{median(model, concurrency, 'infer_per_s'):.1f} | "
                       f"{median(model, concurrency, 'p50_ms'):.1f} / {median(model, concurrency, 'p99_ms'):.1f} | "
                       f"{first} |")
+
     def ratio(model: str, key: str) -> str:
         """Concurrency 8's median over concurrency 1's, then each round's own ratio (its
         two cells were measured back to back), so a ratio's spread shows beside it."""
