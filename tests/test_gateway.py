@@ -2,9 +2,10 @@
 tritonserver: what it refuses, with which status, and that everything else passes
 through unchanged (JSON and binary tensors, generation streams, model loads).
 
-Triton 2.51 dies (SIGSEGV) on a JSON body nested ~30,000 levels deep; the last test
-shows that on a server without the gateway, so the day a Triton upgrade fixes it the
-test says so.
+Triton 2.51 dies (SIGSEGV) on a JSON body nested ~30,000 levels deep, and aborts
+(std::bad_alloc) on an input whose JSON `data` is one value under a shape of 2^40; the
+last tests show both on a server without the gateway, so the day a Triton upgrade fixes
+them the tests say so.
 """
 
 from __future__ import annotations
@@ -162,6 +163,37 @@ def test_deep_json_inside_a_load_config_is_refused(gateway):
     assert_error(response, "refused by the gateway", "nesting")
 
 
+def huge_shape_body(datatype: str = "BOOL", shape=(1 << 40,), data=(True,)) -> dict:
+    return {"inputs": [{"name": "text_input", "datatype": datatype, "shape": list(shape), "data": list(data)}]}
+
+
+@pytest.mark.parametrize(
+    "body, declared",
+    [
+        (huge_shape_body(), "[1099511627776], which holds 1099511627776 values, but its 'data' has 1"),
+        (huge_shape_body("FP32", (1 << 20, 1 << 20), [[1.0]]), "[1048576,1048576], which holds 1099511627776 values, but its 'data' has 1"),
+        # Fewer values declared than sent: Triton would refuse it too, after parsing.
+        (huge_shape_body("BYTES", (1,), ["one", "two"]), "[1], which holds 1 value, but its 'data' has 2"),
+    ],
+    ids=["bool-2^40", "fp32-2^20x2^20", "bytes-short-shape"],
+)
+def test_data_that_does_not_fill_its_shape_is_refused(gateway, body, declared):
+    response = gateway.post("/v2/models/sentiment-classifier/infer", json_body=body)
+    assert_error(response, "refused by the gateway", "input 'text_input' has shape " + declared)
+
+
+def test_data_nested_as_its_shape_passes_the_shape_check(gateway):
+    # [2, 1] nested or flat holds 2 values: the gateway passes it and Triton answers
+    # (this model takes rank-1 text, so with its own shape error).
+    for data in ([["one"], ["two"]], ["one", "two"]):
+        response = gateway.post(
+            SENTIMENT_PATH, json_body=huge_shape_body("BYTES", (2, 1), data)
+        )
+        assert response.status_code == 400, response.text
+        assert "refused by the gateway" not in response.text
+        assert "text_input" in response.json()["error"], response.text
+
+
 def test_malformed_json_gets_a_400_not_tritons_500(gateway):
     response = gateway.post("/v2/models/sentiment-classifier/infer", data=b'{"inputs": [')
     assert_error(response, "refused by the gateway")
@@ -229,11 +261,29 @@ def test_model_loads_pass_through(gateway):
     assert response.status_code == 200, response.text
 
 
-def test_without_the_gateway_deep_json_kills_triton_2_51(start_server, tmp_path):
+@pytest.mark.parametrize(
+    "body, signal, fixed",
+    [
+        (
+            deep_body(),
+            -11,  # SIGSEGV: the HTTP thread's stack is exhausted
+            "a JSON body nested 200,000 levels deep: this Triton parses JSON without "
+            "recursion, and the gateway's depth limit",
+        ),
+        (
+            json.dumps(huge_shape_body()).encode(),
+            -6,  # SIGABRT: std::bad_alloc
+            "one JSON value under a declared shape of 2^40: this Triton checks the shape "
+            "before it allocates, and the gateway's shape check",
+        ),
+    ],
+    ids=["deep-json", "huge-declared-shape"],
+)
+def test_without_the_gateway_the_body_kills_triton_2_51(start_server, tmp_path, body, signal, fixed):
     triton = start_server(copy_models(tmp_path / "repository", "sentiment-classifier"))
     try:
         requests.post(
-            f"{triton.http_url}/v2/models/sentiment-classifier/infer", data=deep_body(), timeout=30
+            f"{triton.http_url}/v2/models/sentiment-classifier/infer", data=body, timeout=30
         )
     except requests.ConnectionError:
         pass
@@ -241,8 +291,7 @@ def test_without_the_gateway_deep_json_kills_triton_2_51(start_server, tmp_path)
         triton.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pytest.fail(
-            "tritonserver survived a JSON body nested 200,000 levels deep: this Triton "
-            "parses JSON without recursion, and the gateway's depth limit is no longer "
-            "what keeps it alive (update the README's troubleshooting entry)"
+            f"tritonserver survived {fixed} is no longer what keeps it alive (update the "
+            "README's troubleshooting entry)"
         )
-    assert triton.process.returncode == -11, triton.process.returncode
+    assert triton.process.returncode == signal, triton.process.returncode
