@@ -514,7 +514,10 @@ BAD_ROUTERS = {
     "no-arms": (router_config(arms=None), "'arms' is required"),
     "routes-to-itself": (router_config(target_model=CLASSIFIER_AB), "names the router"),
     "unknown-parameter": (router_config(weights="1:50"), "unknown parameter 'weights'"),
-    "onnx-parameter": (router_config(intra_op_thread_count="2"), "only applies to task"),
+    "onnx-parameter": (
+        router_config(intra_op_thread_count="2"),
+        "only applies to tasks 'sentiment-classifier', 'feature-extraction', 'text-generation'",
+    ),
     "other-tensors": (with_output_dims([-1, 4]), "must serve what 'sentiment-classifier' version 1 serves"),
     "window-too-large": (router_config(stats_window="200000"), "'stats_window' must be at most 100000"),
     "negative-margin": (router_config(latency_regression_percent="-5"), "must be an integer from 0 to 1000"),

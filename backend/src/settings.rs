@@ -65,8 +65,8 @@ pub struct KnownParameters {
     pub names: Vec<&'static str>,
 }
 
-/// Fails on the first parameter `known` (the model's task) does not read: named as
-/// belonging to another task when one reads it, else as unknown.
+/// Fails on the first parameter `known` (the model's task) does not read: named with
+/// every other task that reads it, else as unknown.
 pub fn refuse_unknown(
     parameters: &BTreeMap<String, String>,
     known: &KnownParameters,
@@ -78,10 +78,16 @@ pub fn refuse_unknown(
     else {
         return Ok(());
     };
-    if let Some(owner) = others.iter().find(|o| o.names.contains(&unknown.as_str())) {
+    let owners: Vec<String> = others
+        .iter()
+        .filter(|o| o.names.contains(&unknown.as_str()))
+        .map(|o| format!("'{}'", o.task))
+        .collect();
+    if !owners.is_empty() {
+        let tasks = if owners.len() == 1 { "task" } else { "tasks" };
         return Err(BackendError::Config(format!(
-            "parameter '{unknown}' only applies to task '{}'",
-            owner.task
+            "parameter '{unknown}' only applies to {tasks} {}",
+            owners.join(", ")
         )));
     }
     Err(BackendError::Config(format!(
@@ -307,15 +313,28 @@ mod tests {
             task: "a",
             names: vec!["x"],
         };
-        let others = [KnownParameters {
-            task: "b",
-            names: vec!["y"],
-        }];
+        let others = [
+            KnownParameters {
+                task: "b",
+                names: vec!["y", "w"],
+            },
+            KnownParameters {
+                task: "c",
+                names: vec!["w"],
+            },
+        ];
         assert!(refuse_unknown(&parameters(&[("task", "a"), ("x", "1")]), &known, &others).is_ok());
         let error = refuse_unknown(&parameters(&[("y", "1")]), &known, &others)
             .expect_err("y is b's")
             .to_string();
         assert!(error.contains("'y' only applies to task 'b'"), "{error}");
+        let error = refuse_unknown(&parameters(&[("w", "1")]), &known, &others)
+            .expect_err("w is b's and c's")
+            .to_string();
+        assert!(
+            error.contains("'w' only applies to tasks 'b', 'c'"),
+            "{error}"
+        );
         let error = refuse_unknown(&parameters(&[("z", "1")]), &known, &others)
             .expect_err("z is nobody's")
             .to_string();
