@@ -163,17 +163,25 @@ def test_deep_json_inside_a_load_config_is_refused(gateway):
     assert_error(response, "refused by the gateway", "nesting")
 
 
-def huge_shape_body(datatype: str = "BOOL", shape=(1 << 40,), data=(True,)) -> dict:
-    return {"inputs": [{"name": "text_input", "datatype": datatype, "shape": list(shape), "data": list(data)}]}
+def tensor_body(datatype: str, shape: list, data: list) -> dict:
+    """An infer body with one JSON tensor `text_input`."""
+    return {"inputs": [{"name": "text_input", "datatype": datatype, "shape": shape, "data": data}]}
+
+
+# One value under a declared shape of 2^40: Triton 2.51 allocates the shape first.
+HUGE_SHAPE_BODY = tensor_body("BOOL", [1 << 40], [True])
 
 
 @pytest.mark.parametrize(
     "body, declared",
     [
-        (huge_shape_body(), "[1099511627776], which holds 1099511627776 values, but its 'data' has 1"),
-        (huge_shape_body("FP32", (1 << 20, 1 << 20), [[1.0]]), "[1048576,1048576], which holds 1099511627776 values, but its 'data' has 1"),
+        (HUGE_SHAPE_BODY, "[1099511627776], which holds 1099511627776 values, but its 'data' has 1"),
+        (
+            tensor_body("FP32", [1 << 20, 1 << 20], [[1.0]]),
+            "[1048576,1048576], which holds 1099511627776 values, but its 'data' has 1",
+        ),
         # Fewer values declared than sent: Triton would refuse it too, after parsing.
-        (huge_shape_body("BYTES", (1,), ["one", "two"]), "[1], which holds 1 value, but its 'data' has 2"),
+        (tensor_body("BYTES", [1], ["one", "two"]), "[1], which holds 1 value, but its 'data' has 2"),
     ],
     ids=["bool-2^40", "fp32-2^20x2^20", "bytes-short-shape"],
 )
@@ -187,7 +195,7 @@ def test_data_nested_as_its_shape_passes_the_shape_check(gateway):
     # (this model takes rank-1 text, so with its own shape error).
     for data in ([["one"], ["two"]], ["one", "two"]):
         response = gateway.post(
-            SENTIMENT_PATH, json_body=huge_shape_body("BYTES", (2, 1), data)
+            SENTIMENT_PATH, json_body=tensor_body("BYTES", [2, 1], data)
         )
         assert response.status_code == 400, response.text
         assert "refused by the gateway" not in response.text
@@ -271,7 +279,7 @@ def test_model_loads_pass_through(gateway):
             "recursion, and the gateway's depth limit",
         ),
         (
-            json.dumps(huge_shape_body()).encode(),
+            json.dumps(HUGE_SHAPE_BODY).encode(),
             -6,  # SIGABRT: std::bad_alloc
             "one JSON value under a declared shape of 2^40: this Triton checks the shape "
             "before it allocates, and the gateway's shape check",
