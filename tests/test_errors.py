@@ -305,6 +305,46 @@ def test_overlong_text_is_truncated_for_encoder(server):
     assert np.all(np.isfinite(outputs["embedding"]["data"]))
 
 
+def words(seed: str, size: int) -> str:
+    """About `size` bytes of distinct words."""
+    count = size // (len(seed) + 6)
+    return " ".join(f"{seed}{i % 9973}" for i in range(count))
+
+
+NEAR_THE_BYTE_LIMIT = (1 << 20) - (64 << 10)
+KEPT = "The film was wonderful, the acting superb and the music moving. " * 30  # > 128 tokens
+
+
+@pytest.mark.parametrize("model", [CLASSIFIER, ENCODER])
+def test_a_text_of_a_megabyte_keeps_its_first_tokens(server, model):
+    """Only a text's start is tokenized: what follows its first 128 tokens, a megabyte of
+    other words, changes nothing in the answer."""
+    texts = [KEPT + words(" alpha", NEAR_THE_BYTE_LIMIT), KEPT + words(" beta", 4096), KEPT]
+    response = infer(server, model, [text_input(texts)])
+    assert response.status_code == 200, response.text[:2000]
+    output = "sentiment_score" if model == CLASSIFIER else "embedding"
+    (values,) = [o["data"] for o in response.json()["outputs"] if o["name"] == output]
+    rows = np.array(values).reshape(3, -1)
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[0], rows[2])
+
+
+def test_a_prompt_of_a_megabyte_keeps_its_last_tokens(server):
+    """Only a prompt's end is tokenized: before its last 127 tokens, a megabyte of other
+    words changes nothing in the continuation."""
+    prompts = [words("alpha ", NEAR_THE_BYTE_LIMIT) + KEPT, words("beta ", 4096) + KEPT]
+    body = {
+        "inputs": [text_input(prompts)],
+        "parameters": {"max_new_tokens": 8, "do_sample": False},
+    }
+    response = server.post("/v2/models/gpt2-small/infer", body)
+    assert response.status_code == 200, response.text[:2000]
+    (texts,) = [o["data"] for o in response.json()["outputs"] if o["name"] == "generated_text"]
+    continuations = [text[len(prompt) :] for text, prompt in zip(texts, prompts)]
+    assert all(text.startswith(prompt) for text, prompt in zip(texts, prompts))
+    assert continuations[0] == continuations[1] and continuations[0], continuations
+
+
 @pytest.mark.parametrize("model", [CLASSIFIER, ENCODER, "gpt2-small"])
 def test_text_over_the_byte_limit_is_refused_before_tokenizing(server, model):
     """Texts longer than max_text_bytes (default 1 MiB) are refused at once: tokenizing

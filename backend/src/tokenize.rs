@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::BackendError;
 
@@ -90,6 +90,96 @@ pub fn length_groups(lengths: &[usize], run_cost: usize) -> Vec<Vec<usize>> {
         }
     }
     groups
+}
+
+/// Which tokens of an over-long text a model keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeptTokens {
+    /// The first ones, as the tokenizer's truncation keeps them (encoders).
+    First(usize),
+    /// The last ones (generation keeps the end of a prompt).
+    Last(usize),
+}
+
+/// Bytes first tokenized per kept token: several times what English, code or CJK text
+/// takes per token (2 to 5 bytes), so one pass nearly always suffices.
+const WINDOW_BYTES_PER_TOKEN: usize = 16;
+
+impl KeptTokens {
+    fn count(self) -> usize {
+        match self {
+            KeptTokens::First(count) | KeptTokens::Last(count) => count,
+        }
+    }
+
+    /// The kept end of `text`, at most `window` bytes of it (`window < text.len()`), cut
+    /// where a word ends; `None` when no word ends within them.
+    fn window(self, text: &str, window: usize) -> Option<&str> {
+        match self {
+            KeptTokens::First(_) => (1..=window)
+                .rev()
+                .find(|&at| word_ends_at(text, at))
+                .map(|at| &text[..at]),
+            KeptTokens::Last(_) => (text.len() - window..text.len())
+                .find(|&at| word_ends_at(text, at))
+                .map(|at| &text[at..]),
+        }
+    }
+}
+
+/// Whether `text[at]` is an ASCII whitespace right after a character that is neither
+/// whitespace nor a control: whitespace-splitting pre-tokenizers (GPT-2's byte-level
+/// regex, BERT's) split there whatever surrounds it, so the tokens on either side are
+/// those of the whole text. Inside a word they are not: byte-pair merges of a run such
+/// as "xxxx…" pair from its start.
+fn word_ends_at(text: &str, at: usize) -> bool {
+    text.as_bytes().get(at).is_some_and(u8::is_ascii_whitespace)
+        && text[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| !c.is_whitespace() && !c.is_control())
+}
+
+/// Tokens that came from the text (not added by the post-processor), truncated ones
+/// included.
+fn text_tokens(encoding: &Encoding) -> usize {
+    std::iter::once(encoding)
+        .chain(encoding.get_overflowing())
+        .map(|part| {
+            part.get_special_tokens_mask()
+                .iter()
+                .filter(|&&special| special == 0)
+                .count()
+        })
+        .sum()
+}
+
+/// Encodes `text` with special tokens, tokenizing only the end of it that `kept` tokens
+/// come from: a request of 64 texts of 1 MiB would otherwise hold the instance's thread
+/// for many seconds (about half a second per MiB on this project's CI machine) when only
+/// a few kilobytes of each matter.
+///
+/// The window starts at [`WINDOW_BYTES_PER_TOKEN`] bytes per kept token and doubles
+/// until, cut where a word ends, it holds twice the kept tokens (a margin against added
+/// tokens that absorb the space at the cut); the kept ones then come out as from the
+/// whole text. A text with no word end near its kept end is tokenized whole.
+pub fn encode_kept(
+    tokenizer: &Tokenizer,
+    text: &str,
+    kept: KeptTokens,
+) -> tokenizers::Result<Encoding> {
+    let needed = kept.count().saturating_mul(2);
+    let mut window = kept.count().saturating_mul(WINDOW_BYTES_PER_TOKEN).max(1);
+    while window < text.len() {
+        if let Some(part) = kept.window(text, window) {
+            let encoding = tokenizer.encode(part, true)?;
+            if text_tokens(&encoding) >= needed {
+                return Ok(encoding);
+            }
+        }
+        window = window.saturating_mul(2);
+    }
+    tokenizer.encode(text, true)
 }
 
 /// A `tokenizer.json` with the padding and truncation this backend needs.
@@ -182,9 +272,7 @@ impl TextEncoder {
 
     /// Tokenizes one text with special tokens, truncated to `max_length`.
     pub fn encode(&self, text: &str) -> Result<TokenRow, BackendError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, true)
+        let encoding = encode_kept(&self.tokenizer, text, KeptTokens::First(self.max_length))
             .map_err(|e| BackendError::tokenizer("cannot encode a text", e))?;
         Ok(TokenRow {
             ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
@@ -205,6 +293,7 @@ impl TextEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
     use tokenizers::{PaddingParams, PaddingStrategy};
@@ -228,6 +317,122 @@ mod tests {
         let mut tokenizer = Tokenizer::new(model);
         tokenizer.with_pre_tokenizer(Some(Whitespace {}));
         tokenizer
+    }
+
+    fn bundled(model: &str) -> Tokenizer {
+        let path = format!(
+            "{}/../model-repository/{model}/1/tokenizer.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        load_tokenizer(Path::new(&path)).expect("a bundled tokenizer loads")
+    }
+
+    const PIECES: &[&str] = &[
+        "word",
+        "Hello",
+        "don't",
+        "3.14",
+        "naïve café",
+        "日本語のテキスト。",
+        "中文，世界！",
+        "😀👍🏽",
+        "e\u{301}",
+        "<mask>",
+        "[SEP]",
+        "<|endoftext|>",
+        "x",
+        "----",
+        "\u{a0}",
+        "\u{1}",
+        "ＡＢＣ",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        ". ",
+        "\n\n",
+    ];
+
+    fn mixed_text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(PIECES), 1000..6000)
+            .prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Encoders keep an over-long text's first tokens, from a few kilobytes of it.
+        #[test]
+        fn an_over_long_text_keeps_its_first_tokens(text in mixed_text()) {
+            for model in ["bert-base", "sentiment-classifier"] {
+                let encoder = TextEncoder::new(bundled(model), Some(128), None).expect("encoder");
+                let whole = encoder.tokenizer().encode(text.as_str(), true).expect("encodes");
+                let row = encoder.encode(&text).expect("encodes");
+                prop_assert_eq!(&row.ids, &whole.get_ids().iter().map(|&id| i64::from(id)).collect::<Vec<_>>());
+                prop_assert_eq!(row.attention_mask, vec![1; row.ids.len()]);
+                let part = encode_kept(encoder.tokenizer(), &text, KeptTokens::First(128)).expect("encodes");
+                prop_assert!(text_tokens(&whole) > 4 * 256 && text_tokens(&part) < text_tokens(&whole) / 2);
+            }
+        }
+
+        /// Generation keeps an over-long prompt's last tokens, from a few kilobytes of it.
+        #[test]
+        fn an_over_long_text_keeps_its_last_tokens(text in mixed_text()) {
+            let tokenizer = bundled("gpt2-small");
+            let whole = tokenizer.encode(text.as_str(), true).expect("encodes");
+            let part = encode_kept(&tokenizer, &text, KeptTokens::Last(127)).expect("encodes");
+            let tail = |ids: &[u32]| ids[ids.len().saturating_sub(127)..].to_vec();
+            prop_assert_eq!(tail(part.get_ids()), tail(whole.get_ids()));
+            prop_assert!(text_tokens(&whole) > 4 * 254 && text_tokens(&part) < text_tokens(&whole) / 2);
+        }
+    }
+
+    #[test]
+    fn windows_are_cut_where_a_word_ends() {
+        // Bytes: "ab" 0-1, ' ' 2, "cd" 3-4, 'é' 5-6, ' ' 7, "ef" 8-9, U+0001 10, ' ' 11,
+        // "gh" 12-13, "  " 14-15, "ij" 16-17.
+        let text = "ab cd\u{e9} ef\u{1} gh  ij";
+        let first = KeptTokens::First(1);
+        assert_eq!(first.window(text, 2), Some("ab"));
+        assert_eq!(first.window(text, 1), None, "no word ends in 'a'");
+        // Not after a control character, nor inside a run of spaces.
+        assert_eq!(first.window(text, 12), Some("ab cd\u{e9}"));
+        assert_eq!(first.window(text, 17), Some("ab cd\u{e9} ef\u{1} gh"));
+        let last = KeptTokens::Last(1);
+        assert_eq!(last.window(text, 4), Some("  ij"));
+        assert_eq!(
+            last.window(text, 3),
+            None,
+            "the space before 'ij' follows a space"
+        );
+        assert_eq!(
+            last.window(text, 10),
+            Some("  ij"),
+            "not after a control character"
+        );
+        // A window that starts inside a character.
+        assert_eq!(last.window(text, 12), Some(" ef\u{1} gh  ij"));
+        assert_eq!(last.window(text, 17), Some(" cd\u{e9} ef\u{1} gh  ij"));
+        assert_eq!(last.window("xxxxxx", 3), None);
+    }
+
+    #[test]
+    fn a_text_without_word_ends_is_tokenized_whole() {
+        // A run of one letter pairs its merges from the run's start: its last tokens
+        // depend on all of it, so no window is cut inside it.
+        let tokenizer = bundled("gpt2-small");
+        let text = "x".repeat(100_000);
+        let whole = tokenizer.encode(text.as_str(), true).expect("encodes");
+        let part = encode_kept(&tokenizer, &text, KeptTokens::Last(127)).expect("encodes");
+        assert_eq!(part.get_ids(), whole.get_ids());
+        let short = encode_kept(&tokenizer, "a few words", KeptTokens::Last(127)).expect("encodes");
+        assert_eq!(
+            short.get_ids(),
+            tokenizer
+                .encode("a few words", true)
+                .expect("encodes")
+                .get_ids()
+        );
     }
 
     #[test]

@@ -312,3 +312,76 @@ fn every_one_and_two_byte_character_round_trips() {
     }
     assert!(seen.len() > 256, "{}", seen.len());
 }
+
+/// The last `CONTEXT_LENGTH - 1` of tiktoken's ids for `text`.
+fn reference_tail(text: &str) -> Vec<u32> {
+    let ids = reference().encode_ordinary(text);
+    ids[ids.len().saturating_sub(CONTEXT_LENGTH - 1)..].to_vec()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(48))]
+
+    /// Prompts far longer than the context (up to ~400 KB, the texts above joined in
+    /// random order) are tokenized only near their end, and keep exactly the tokens of
+    /// the whole text.
+    #[test]
+    fn an_over_long_prompt_keeps_the_tokens_of_the_whole_text(
+        pieces in proptest::collection::vec(
+            (0..TEXTS.len(), proptest::sample::select(vec!["", " ", "\n", "\t", ". ", "  "])),
+            200..4000,
+        ),
+    ) {
+        let text: String = pieces
+            .iter()
+            .flat_map(|&(index, separator)| [TEXTS[index], separator])
+            .collect();
+        proptest::prop_assert_eq!(ours(&text), reference_tail(&text));
+    }
+}
+
+/// Text with no space to cut at near its end: long runs of letters, ideographs, symbols,
+/// emoji, and a run of one letter (whose merges pair from the run's start) after words.
+#[test]
+fn an_over_long_prompt_without_spaces_keeps_the_tokens_of_the_whole_text() {
+    let runs = [
+        "abcdefghij".repeat(20_000),
+        "日本語のテキストです。中文测试：你好，世界！".repeat(2_000),
+        "=+-*/<>!?".repeat(20_000),
+        "😀🙂👍🏽".repeat(10_000),
+        format!("{}{}", "word ".repeat(4_000), "x".repeat(60_000)),
+    ];
+    for text in &runs {
+        assert!(ours(text) == reference_tail(text), "{}", &text[..40]);
+    }
+}
+
+/// A `tokenizer.json` saved with padding or truncation on (e.g. after
+/// `tokenizer.enable_padding(length=1024)`) still gives each prompt its own tokens.
+#[test]
+fn shipped_padding_and_truncation_are_ignored() {
+    let mut tokenizer = load_tokenizer(&fixture()).expect("loads");
+    tokenizer.with_padding(Some(tokenizers::PaddingParams {
+        strategy: tokenizers::PaddingStrategy::Fixed(CONTEXT_LENGTH),
+        pad_id: END_OF_TEXT_ID,
+        pad_token: "<|endoftext|>".into(),
+        ..tokenizers::PaddingParams::default()
+    }));
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 16,
+            ..tokenizers::TruncationParams::default()
+        }))
+        .expect("truncation");
+    let generator = Generator::new(tokenizer, None, CONTEXT_LENGTH, GenerationParams::default())
+        .expect("a generator");
+    let long = [LONG_PARAGRAPH; 8].join(" ");
+    for text in ["Hello world", long.as_str()] {
+        let expected: Vec<i64> = as_i64(&reference_tail(text));
+        assert_eq!(
+            generator.encode(text).expect("encodes"),
+            expected,
+            "{text:.40}"
+        );
+    }
+}

@@ -35,6 +35,7 @@ use crate::error::BackendError;
 use crate::responder::{CollectingResponder, Pending};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
+use crate::tokenize::{KeptTokens, encode_kept};
 use crate::types::{DataType, InputTensor, OutputTensor, ParameterValue};
 use decoder::DecoderBinding;
 use llm_io::{ResponseOptions, read_flag};
@@ -115,11 +116,17 @@ impl Generator {
     /// [`DEFAULT_MAX_PROMPTS`] prompts per request and [`DEFAULT_MAX_TEXT_BYTES`] bytes
     /// per prompt; the `with_*` methods change that.
     pub fn new(
-        tokenizer: Tokenizer,
+        mut tokenizer: Tokenizer,
         eos_token: Option<&str>,
         context_length: usize,
         defaults: GenerationParams,
     ) -> Result<Self, BackendError> {
+        // A shipped tokenizer may pad or truncate every text; a prompt is fed as it is,
+        // and `encode` keeps its end.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| BackendError::tokenizer("cannot switch truncation off", e))?;
         let eos_token = eos_token.unwrap_or("<|endoftext|>");
         let eos_id = tokenizer.token_to_id(eos_token).map(i64::from).ok_or_else(|| {
             BackendError::Config(format!(
@@ -261,14 +268,15 @@ impl Generator {
     /// The token ids the decoder is fed for one prompt (`tokenizer.json`'s own special
     /// tokens added), keeping the last `context_length - 1` of an over-long prompt.
     pub fn encode(&self, prompt: &str) -> Result<Vec<i64>, BackendError> {
-        let encoding = self
-            .tokenizer
-            .encode(prompt, true)
-            .map_err(|e| BackendError::tokenizer("cannot encode a prompt", e))?;
-        let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         // Keep the end of an over-long prompt, leaving room for one new token.
         let keep = self.context_length - 1;
-        Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
+        let encoding = encode_kept(&self.tokenizer, prompt, KeptTokens::Last(keep))
+            .map_err(|e| BackendError::tokenizer("cannot encode a prompt", e))?;
+        let ids = encoding.get_ids();
+        Ok(ids[ids.len().saturating_sub(keep)..]
+            .iter()
+            .map(|&id| i64::from(id))
+            .collect())
     }
 
     /// The text of generated ids, special tokens skipped.
