@@ -289,6 +289,23 @@ def test_config_override_with_huge_thread_count_fails_fast(explicit_server):
     assert explicit_server.get("/v2/health/live").status_code == 200
 
 
+def test_sequence_batching_is_refused_before_triton_sizes_it(explicit_server):
+    """No task keeps state between requests. With a max_batch_size of 2^31 - 1, Triton's
+    sequence batcher aborted the whole server (std::bad_alloc) sizing its slots; the
+    backend refuses the configuration first."""
+    config = classifier_config(
+        OVERRIDE_MODEL, task="sentiment-classifier", max_sequence_length="128"
+    )
+    config.update(max_batch_size=2**31 - 1, sequence_batching={})
+    assert_load_fails(
+        explicit_server,
+        OVERRIDE_MODEL,
+        "sequence_batching is not supported",
+        "dynamic_batching",
+        config=config,
+    )
+
+
 def relabelled_classifier(labels: list[str]) -> dict:
     """The example classifier's config as an override, with other label names."""
     return classifier_config(

@@ -138,6 +138,9 @@ pub struct ModelConfig {
     pub model_warmup: Vec<WarmupSample>,
     #[serde(default)]
     instance_group: Vec<InstanceGroup>,
+    /// Only whether it is there (see [`ModelConfig::check_scheduler`]).
+    #[serde(default)]
+    sequence_batching: Option<serde::de::IgnoredAny>,
 }
 
 impl ModelConfig {
@@ -177,6 +180,21 @@ impl ModelConfig {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Refuses `sequence_batching`: no task keeps state between requests (correlation
+    /// IDs, START/END controls), and Triton's sequence batcher aborts the whole server
+    /// allocating its slots when `max_batch_size` is large (2^31 - 1: `std::bad_alloc`).
+    pub fn check_scheduler(&self) -> Result<(), BackendError> {
+        if self.sequence_batching.is_some() {
+            return Err(BackendError::Config(
+                "sequence_batching is not supported: this backend's tasks keep no state \
+                 between requests; use dynamic_batching (and, to keep a user on one version, \
+                 a traffic-split router's 'user_id' request parameter)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// `model_transaction_policy { decoupled: true }`: responses stream.
@@ -229,6 +247,29 @@ mod tests {
         assert_eq!(input.dims, vec![2]);
         assert_eq!(input.datatype(), Some(DataType::Bytes));
         assert_eq!(input.input_data_file.as_deref(), Some("t.bin"));
+    }
+
+    #[test]
+    fn sequence_batching_is_refused() {
+        assert!(
+            ModelConfig::from_json(CONFIG)
+                .expect("valid config")
+                .check_scheduler()
+                .is_ok()
+        );
+        for scheduler in [r#"{}"#, r#"{"max_sequence_idle_microseconds": "1000"}"#] {
+            let json = format!(r#"{{"max_batch_size": 8, "sequence_batching": {scheduler}}}"#);
+            let error = ModelConfig::from_json(&json)
+                .expect("valid config")
+                .check_scheduler()
+                .expect_err("no task keeps state")
+                .to_string();
+            assert!(
+                error.contains("sequence_batching is not supported")
+                    && error.contains("dynamic_batching"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

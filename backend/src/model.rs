@@ -150,6 +150,7 @@ impl ModelState {
         let model_dir = PathBuf::from(model.repository_path()?);
         let version_dir = model_dir.join(version.to_string());
         let config = ModelConfig::from_json(&completed_config(model, &version_dir)?)?;
+        config.check_scheduler()?;
         let task_name = config.parameters.get(settings::TASK).ok_or_else(|| {
             BackendError::Config(format!(
                 "parameter 'task' is required: one of {}",
