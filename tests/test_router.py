@@ -551,6 +551,32 @@ def test_a_router_waits_for_its_target_then_gives_up(explicit_with_targets):
     }
 
 
+def test_a_target_reloaded_with_other_outputs_is_named_until_it_is_restored(explicit_with_targets):
+    """The target loses an output after the router loaded: the router's requests get a
+    503 naming the change (not the target's 400, as if the client were wrong), and serve
+    again once the target has its outputs back."""
+    server = explicit_with_targets
+    assert load_model(server, CLASSIFIER_AB).status_code == 200
+    target = classifier_config(
+        "sentiment-classifier", task="sentiment-classifier", max_sequence_length="128"
+    )
+    target["version_policy"] = {"all": {}}
+    fewer = dict(target, output=target["output"][:1])
+    assert load_model(server, "sentiment-classifier", fewer).status_code == 200
+    body = {"inputs": [text_input(["Still there?"])]}
+    response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+    assert_error(
+        response,
+        "no longer serves what this router serves",
+        "sentiment_label",
+        "load the router again",
+        status=503,
+    )
+    assert load_model(server, "sentiment-classifier", target).status_code == 200
+    response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+    assert response.status_code == 200, response.text
+
+
 def test_weights_change_with_a_reload(explicit_with_targets):
     server = explicit_with_targets
     assert load_model(server, CLASSIFIER_AB, router_config(arms="1:0,2:100")).status_code == 200

@@ -391,7 +391,7 @@ impl Task for TrafficSplit {
             if let Err((responder, error)) = self.forward(pending, index) {
                 self.arm_stats.not_sent(index);
                 if let Some(mut responder) = responder {
-                    responder.fail(&error);
+                    responder.fail(&self.refused(self.arms[index], error));
                 }
             }
         }
@@ -422,21 +422,40 @@ impl TrafficSplit {
         let target = &self.target;
         for arm in &self.arms {
             wait_until_ready(self.server, target, arm.version, timeout)?;
-            let json = self
-                .server
-                .model_config_json(target, arm.version)
-                .map_err(Error::relayed)?;
-            check_same_tensors(&self.config, &ModelConfig::from_json(&json)?).map_err(
-                |problem| {
-                    BackendError::Config(format!(
-                        "the router must serve what '{target}' version {} serves: {problem}",
-                        arm.version
-                    ))
-                },
-            )?;
+            if let Some(problem) = self.mismatch(*arm)? {
+                return Err(BackendError::Config(format!(
+                    "the router must serve what '{target}' version {} serves: {problem}",
+                    arm.version
+                )));
+            }
         }
         let _first = self.verified.set(());
         Ok(())
+    }
+
+    /// How `arm`'s version no longer serves the router's inputs and outputs, if so.
+    fn mismatch(&self, arm: Arm) -> Result<Option<String>, BackendError> {
+        let json = self
+            .server
+            .model_config_json(&self.target, arm.version)
+            .map_err(Error::relayed)?;
+        Ok(check_same_tensors(&self.config, &ModelConfig::from_json(&json)?).err())
+    }
+
+    /// The error for a request `arm` refused: a target reloaded since with other inputs
+    /// or outputs refuses what the router sends (e.g. an output it no longer has), which
+    /// is the server's fault (503 naming the change), not the client's (the target's
+    /// 400).
+    fn refused(&self, arm: Arm, error: BackendError) -> BackendError {
+        match self.mismatch(arm) {
+            Ok(Some(problem)) => BackendError::Unavailable(format!(
+                "arm version {} of '{}' no longer serves what this router serves ({problem}): \
+                 load the router again, or that version with its former inputs and outputs \
+                 (refused with: {error})",
+                arm.version, self.target
+            )),
+            _ => error,
+        }
     }
 
     /// Sends the request to `arm`; its responses are relayed by [`Relay`].
