@@ -2,8 +2,8 @@
 Runtime session is released.
 
 One explicit-mode server holds the smallest example model (`bert-base`, version 1 only,
-with its warm-up) under another name, and the classifier, which keeps serving from
-another thread the whole time. After warm-up cycles, 200 more cycles — load, one
+without its `model_warmup`) under another name, and the classifier, which keeps serving
+from another thread the whole time. After warm-up cycles, 200 more cycles — load, one
 inference, unload — may grow the server's resident memory (VmRSS of the process) by less
 than 5 %, its threads and open files stay as they were, and the backend's log shows as
 many instance and model finalizations (the ONNX Runtime session and the tokenizer
@@ -64,9 +64,14 @@ def make_repository(root: Path) -> Path:
     shutil.copytree(MODEL_REPOSITORY / SERVING, repository / SERVING)
     target = repository / CYCLED
     shutil.copytree(MODEL_REPOSITORY / BASE / "1", target / "1")
-    shutil.copytree(MODEL_REPOSITORY / BASE / "warmup", target / "warmup")
     config = (MODEL_REPOSITORY / BASE / "config.pbtxt").read_text()
-    assert f'name: "{BASE}"' in config and "model_warmup" in config
+    assert f'name: "{BASE}"' in config
+    # Without model_warmup, as the README advises for models loaded and unloaded often:
+    # with it, Triton 2.51's load/unload race (BENCHMARKS.md, "Load/unload race") broke
+    # this test's server about once in 20 runs (glibc: "malloc_consolidate(): unaligned
+    # fastbin chunk detected" as a load started while the last version was finalizing).
+    config, removed = re.subn(r"\nmodel_warmup \[.*\n\]\n", "\n", config, flags=re.DOTALL)
+    assert removed == 1 and "model_warmup" not in config, config
     # One instance: this test is about what load/unload cycles release, which one shows.
     # Two runs of it crashed inside libtritonserver (heap corruption) when a load started
     # while the previous version was still finalizing; the suspect, the backend deleting
