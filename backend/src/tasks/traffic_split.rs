@@ -445,10 +445,17 @@ impl TrafficSplit {
     /// The error for a request `arm` refused: a target reloaded since with other inputs
     /// or outputs refuses what the router sends (e.g. an output it no longer has), which
     /// is the server's fault (503 naming the change), not the client's (the target's
-    /// 400).
+    /// 400). Other refusals (a full queue) pass on as they are, without the check.
     fn refused(&self, arm: Arm, error: BackendError) -> BackendError {
-        match self.mismatch(arm) {
-            Ok(Some(problem)) => BackendError::Unavailable(format!(
+        let invalid = matches!(
+            error,
+            BackendError::Relayed {
+                code: ErrorCode::InvalidArg,
+                ..
+            }
+        );
+        match invalid.then(|| self.mismatch(arm)) {
+            Some(Ok(Some(problem))) => BackendError::Unavailable(format!(
                 "arm version {} of '{}' no longer serves what this router serves ({problem}): \
                  load the router again, or that version with its former inputs and outputs \
                  (refused with: {error})",
