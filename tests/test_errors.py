@@ -323,8 +323,7 @@ def test_a_text_of_a_megabyte_keeps_its_first_tokens(server, model):
     response = infer(server, model, [text_input(texts)])
     assert response.status_code == 200, response.text[:2000]
     output = "sentiment_score" if model == CLASSIFIER else "embedding"
-    (values,) = [o["data"] for o in response.json()["outputs"] if o["name"] == output]
-    rows = np.array(values).reshape(3, -1)
+    rows = np.array(outputs_by_name(response)[output]["data"]).reshape(3, -1)
     np.testing.assert_array_equal(rows[0], rows[1])
     np.testing.assert_array_equal(rows[0], rows[2])
 
@@ -339,7 +338,7 @@ def test_a_prompt_of_a_megabyte_keeps_its_last_tokens(server):
     }
     response = server.post("/v2/models/gpt2-small/infer", body)
     assert response.status_code == 200, response.text[:2000]
-    (texts,) = [o["data"] for o in response.json()["outputs"] if o["name"] == "generated_text"]
+    texts = outputs_by_name(response)["generated_text"]["data"]
     continuations = [text[len(prompt) :] for text, prompt in zip(texts, prompts)]
     assert all(text.startswith(prompt) for text, prompt in zip(texts, prompts))
     assert continuations[0] == continuations[1] and continuations[0], continuations

@@ -563,8 +563,8 @@ def test_a_target_reloaded_with_other_outputs_is_named_until_it_is_restored(expl
     target["version_policy"] = {"all": {}}
     fewer = dict(target, output=target["output"][:1])
     assert load_model(server, "sentiment-classifier", fewer).status_code == 200
-    body = {"inputs": [text_input(["Still there?"])]}
-    response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+    inputs = [text_input(["Still there?"])]
+    response = infer(server, CLASSIFIER_AB, inputs)
     assert_error(
         response,
         "no longer serves what this router serves",
@@ -573,7 +573,7 @@ def test_a_target_reloaded_with_other_outputs_is_named_until_it_is_restored(expl
         status=503,
     )
     assert load_model(server, "sentiment-classifier", target).status_code == 200
-    response = server.post(f"/v2/models/{CLASSIFIER_AB}/infer", body)
+    response = infer(server, CLASSIFIER_AB, inputs)
     assert response.status_code == 200, response.text
 
 

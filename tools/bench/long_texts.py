@@ -18,8 +18,8 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,22 +57,20 @@ def big_request(grpc_url: str, model: str, text: str, count: int) -> float:
 
 def measure(http_url: str, grpc_url: str, model: str, text: str, count: int) -> tuple[float, float]:
     """(seconds the big request took, worst seconds of a one-text request meanwhile)."""
-    result: dict[str, float] = {}
-    big = threading.Thread(target=lambda: result.update(big=big_request(grpc_url, model, text, count)))
     body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hello there"]}]}
     if model.startswith("gpt2"):
         body["parameters"] = GENERATION
-    big.start()
-    worst = 0.0
-    while True:
-        time.sleep(0.02)
-        started = time.monotonic()
-        requests.post(f"{http_url}/v2/models/{model}/infer", json=body, timeout=600).raise_for_status()
-        worst = max(worst, time.monotonic() - started)
-        if not big.is_alive():
-            break
-    big.join()
-    return result["big"], worst
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(big_request, grpc_url, model, text, count)
+        worst = 0.0
+        while True:
+            time.sleep(0.02)
+            started = time.monotonic()
+            requests.post(f"{http_url}/v2/models/{model}/infer", json=body, timeout=600).raise_for_status()
+            worst = max(worst, time.monotonic() - started)
+            if big.done():
+                break
+        return big.result(), worst
 
 
 def main() -> int:
