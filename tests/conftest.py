@@ -259,6 +259,15 @@ def metric_sum(triton, name: str, **labels: str) -> float:
     )
 
 
+CANARY_STATES = ("progressing", "promoted", "rolled_back")
+
+
+def canary_state(triton, router: str) -> dict[str, float]:
+    """`triton_rust_ab_canary_state` of `router`: 1 for its current state, else 0."""
+    return {state: metric_sum(triton, "triton_rust_ab_canary_state", router=router, state=state)
+            for state in CANARY_STATES}
+
+
 def infer(server, model: str, inputs, outputs=None) -> requests.Response:
     """POST /v2/models/<model>/infer with a JSON body (all outputs unless named)."""
     body = {"inputs": list(inputs)}

@@ -33,6 +33,7 @@ from conftest import (
     MODEL_REPOSITORY,
     REPO_ROOT,
     assert_error,
+    canary_state,
     classifier_config,
     error_message,
     infer,
@@ -384,17 +385,8 @@ def test_a_slower_challenger_is_found(echo_router):
 
 # --- canary releases -------------------------------------------------------------------
 
+ECHO_ROUTER = "request-echo-ab"
 ECHO_BODY = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
-
-
-def canary_state(server) -> dict[str, float]:
-    text = requests.get(server.metrics_url, timeout=10).text
-    return {
-        sample.labels["state"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "triton_rust_ab_canary_state" and sample.labels["router"] == "request-echo-ab"
-    }
 
 
 def send_one_at_a_time(server, requests_count: int) -> list[str]:
@@ -409,10 +401,10 @@ def send_one_at_a_time(server, requests_count: int) -> list[str]:
 
 def test_a_slower_canary_is_rolled_back_at_once(echo_router):
     server = echo_router(challenger_delay_us=4000, canary_steps="10,50,100", canary_min_samples="30")
-    assert canary_state(server) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    assert canary_state(server, ECHO_ROUTER) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
     versions = send_one_at_a_time(server, 600)
     assert "2" in versions[:300], "the canary got no traffic at its first step"
-    assert canary_state(server) == {"progressing": 0, "promoted": 0, "rolled_back": 1}
+    assert canary_state(server, ECHO_ROUTER) == {"progressing": 0, "promoted": 0, "rolled_back": 1}
     assert set(versions[-100:]) == {"1"}, versions[-100:]
     assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 100, "2": 0}
     assert "canary 'request-echo-ab': Step(0) -> RolledBack: the challenger is worse (latency" in server.log()
@@ -425,7 +417,7 @@ def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_or_restart_start
     server = echo_router(canary_steps="10,50,100", canary_min_samples="30",
                          latency_regression_percent="100")
     versions = send_one_at_a_time(server, 900)
-    assert canary_state(server) == {"progressing": 0, "promoted": 1, "rolled_back": 0}
+    assert canary_state(server, ECHO_ROUTER) == {"progressing": 0, "promoted": 1, "rolled_back": 0}
     assert set(versions[-100:]) == {"2"}, versions[-100:]
     assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 0, "2": 100}
     log = server.log()
@@ -436,7 +428,7 @@ def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_or_restart_start
     config["parameters"]["canary_min_samples"] = {"string_value": "31"}
     response = load_model(server, "request-echo-ab", config)
     assert response.status_code == 200, error_message(response)
-    assert canary_state(server) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    assert canary_state(server, ECHO_ROUTER) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
     assert weights_on_metrics(server, "request-echo-ab", "request-echo") == {"1": 90, "2": 10}
     # Past the first step again, then a restart: it starts at the first step too. The
     # split is random: 31 challenger answers at 10 % take 310 requests on average, and a
@@ -453,7 +445,7 @@ def test_a_healthy_canary_is_promoted_step_by_step_and_a_reload_or_restart_start
         args=ECHO_SERVER_ARGS,
         backend_dir=identity_backends,
     )
-    assert canary_state(restarted) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
+    assert canary_state(restarted, ECHO_ROUTER) == {"progressing": 1, "promoted": 0, "rolled_back": 0}
     assert weights_on_metrics(restarted, "request-echo-ab", "request-echo") == {"1": 90, "2": 10}
 
 

@@ -79,6 +79,15 @@ impl BackendError {
     pub fn internal(message: impl Into<String>) -> Self {
         BackendError::Internal(message.into())
     }
+
+    /// `what` the model computed holds a NaN or infinity: answering from it would be a
+    /// wrong answer with a 200.
+    pub fn not_finite(what: impl std::fmt::Display) -> Self {
+        BackendError::Internal(format!(
+            "{what} not finite (NaN or infinity): the model's weights or its export are \
+             broken, e.g. a float16 export that overflows"
+        ))
+    }
 }
 
 /// The message a panic carries (a `&str` or a `String`), for logs and errors.

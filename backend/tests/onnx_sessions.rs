@@ -21,7 +21,7 @@ use triton_rust::generation::cache_rows::{
 use triton_rust::generation::decoder::{SamplerRow, uniform};
 use triton_rust::generation::params::GenerationParams;
 use triton_rust::generation::sampler_graphs::{
-    self, CHOOSER_ROWS, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY,
+    self, CHOOSER_ROWS, NON_FINITE_LOGITS, PICKER_LOGITS, PICKER_TOKEN_IDS, SAMPLER_HISTORY,
     SAMPLER_REPETITION_PENALTY, SAMPLER_TEMPERATURE, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_UNIFORM,
     TokenChooser,
 };
@@ -275,6 +275,85 @@ fn token_samplers_choose_what_the_reference_chooses() {
             .expect("int64 ids");
         assert_eq!(shape[..], [count as i64, 1]);
         assert_eq!(ids, expected, "settings {case}: {params:?}");
+    }
+}
+
+#[test]
+fn every_token_chooser_refuses_rows_whose_logits_are_not_finite() {
+    let environment = environment();
+    const VOCAB: usize = 6;
+    // One position per row: finite; one NaN; one +inf; -inf for masked tokens (finite
+    // otherwise, so a token is chosen); every logit NaN.
+    let rows: [[f32; VOCAB]; 5] = [
+        [0.1, 3.0, 0.2, 0.0, -1.0, 0.5],
+        [0.1, 3.0, f32::NAN, 0.0, -1.0, 0.5],
+        [0.1, 3.0, 0.2, f32::INFINITY, -1.0, 0.5],
+        [f32::NEG_INFINITY, 3.0, 0.2, f32::NEG_INFINITY, -1.0, 0.5],
+        [f32::NAN; VOCAB],
+    ];
+    let count = rows.len();
+    let logits = || Tensor::from_array(([count, 1, VOCAB], rows.concat())).expect("logits");
+    let chosen = || Tensor::from_array(([count], (0..count as i64).collect::<Vec<_>>()));
+    let column = |value: f32| Tensor::from_array(([count, 1], vec![value; count]));
+    let refused = NON_FINITE_LOGITS;
+
+    let mut picker = sampler_graphs::greedy_token_picker(&environment, options(Device::Cpu))
+        .expect("CPU picker builds");
+    let outputs = picker
+        .run(ort::inputs![PICKER_LOGITS => logits(), CHOOSER_ROWS => chosen().expect("rows")])
+        .expect("the picker runs");
+    let (_, ids) = outputs[PICKER_TOKEN_IDS]
+        .try_extract_tensor::<i64>()
+        .expect("ids");
+    assert_eq!(ids, [1, refused, refused, 1, refused], "greedy");
+
+    for (name, build, sorted) in [
+        (
+            "plain",
+            sampler_graphs::plain_token_sampler as fn(_, _) -> _,
+            false,
+        ),
+        ("sorted", sampler_graphs::token_sampler, true),
+    ] {
+        let mut sampler = build(&environment, options(Device::Cpu)).expect("sampler builds");
+        let mut inputs = ort::inputs![
+            PICKER_LOGITS => logits(),
+            CHOOSER_ROWS => chosen().expect("rows"),
+            SAMPLER_TEMPERATURE => column(1.0).expect("t"),
+            SAMPLER_UNIFORM => column(0.999).expect("u"),
+            SAMPLER_REPETITION_PENALTY => column(1.3).expect("r"),
+            SAMPLER_HISTORY => Tensor::from_array(([count, 1], vec![2i64; count])).expect("h"),
+        ];
+        if sorted {
+            inputs.push((
+                SAMPLER_TOP_K.into(),
+                Tensor::from_array(([count, 1], vec![2i64; count]))
+                    .expect("k")
+                    .into(),
+            ));
+            inputs.push((
+                SAMPLER_TOP_P.into(),
+                column(f32::INFINITY).expect("p").into(),
+            ));
+        }
+        let outputs = sampler.run(inputs).expect("the sampler runs");
+        let (_, ids) = outputs[PICKER_TOKEN_IDS]
+            .try_extract_tensor::<i64>()
+            .expect("ids");
+        for (row, &id) in ids.iter().enumerate() {
+            let finite = rows[row]
+                .iter()
+                .all(|v| v.is_finite() || *v == f32::NEG_INFINITY);
+            if finite {
+                assert!((0..VOCAB as i64).contains(&id), "{name}, row {row}: {id}");
+                assert!(
+                    rows[row][id as usize].is_finite(),
+                    "{name}, row {row}: {id}"
+                );
+            } else {
+                assert_eq!(id, refused, "{name}, row {row}");
+            }
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use super::delivery::{Letter, Outbox, Recipient};
 use super::llm_io::{ResponseOptions, final_outputs};
 use super::params::GenerationParams;
 use super::row::{FinishReason, GenerationObserver, Row};
+use super::sampler_graphs::NON_FINITE_LOGITS;
 use super::text_stream::TextStream;
 use super::{GenerationRequest, Generator};
 use crate::error::BackendError;
@@ -406,6 +407,13 @@ impl<'g> RunningBatch<'g> {
             if row.is_vacant() {
                 continue;
             }
+            if token == NON_FINITE_LOGITS {
+                row.finished = Some(FinishReason::Abort);
+                if let Some(active) = self.requests.get(&row.request) {
+                    active.recipient.fail(&non_finite_logits(row));
+                }
+                continue;
+            }
             if token == generator.eos_id {
                 row.finished = Some(FinishReason::Stop);
                 continue;
@@ -628,6 +636,16 @@ impl<'g> RunningBatch<'g> {
         self.cache.clear();
         self.width = 0;
     }
+}
+
+/// The error of a request whose row's next-token logits hold a NaN or infinity: the
+/// model is broken, and any token chosen from them would be garbage.
+fn non_finite_logits(row: &Row<'_>) -> BackendError {
+    BackendError::not_finite(format_args!(
+        "the model's logits for prompt {} (choosing its new token {}) are",
+        row.index,
+        row.generated.len() + 1
+    ))
 }
 
 /// Runs the decoder on `feed`; returns the logits and the new cache, both left on the

@@ -19,6 +19,11 @@ pub const PICKER_LOGITS: &str = "logits";
 pub const CHOOSER_ROWS: &str = "rows";
 pub const PICKER_TOKEN_IDS: &str = "token_ids";
 
+/// The id every graph here gives a row whose logits are not all finite (a NaN or +inf:
+/// broken weights, or an export that overflows in float16). Arg-max and the draw would
+/// otherwise pick some token from them, and the text would be garbage with a 200.
+pub const NON_FINITE_LOGITS: i64 = -1;
+
 /// Which graph chooses a row's token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenChooser {
@@ -30,10 +35,10 @@ pub enum TokenChooser {
     Sorted,
 }
 
-/// A three-node graph run where the decoder runs: `Gather` the last position of
-/// `logits`, then the rows, then `ArgMax` over the vocabulary, giving `token_ids [n, 1]`.
-/// Greedy decoding then moves only token ids from the device to the host, not the
-/// logits.
+/// A small graph run where the decoder runs: `Gather` the last position of `logits`,
+/// then the rows, then `ArgMax` over the vocabulary (unless the row's logits are not
+/// finite), giving `token_ids [n, 1]`. Greedy decoding then moves only token ids from
+/// the device to the host, not the logits.
 pub fn greedy_token_picker(
     environment: &Environment,
     options: SessionOptions,
@@ -53,10 +58,48 @@ pub fn greedy_token_picker(
         &mut graph,
         "ArgMax",
         &["last_logits"],
-        PICKER_TOKEN_IDS,
+        "most_likely",
         vec![axis("axis", 2)?, axis("keepdims", 0)?],
     )?;
+    add_logit_sum(&mut graph, "last_logits", false)?;
+    add_non_finite_check(&mut graph, "logit_sum", "most_likely")?;
     session_from_graph(graph, environment, options, "the greedy token picker")
+}
+
+/// `logit_sum [n, 1]`: the sum of each row of `logits` (`[n, vocab]` with `keep_dims`,
+/// else `[n, 1, vocab]`), NaN or +inf where the row holds a NaN or +inf (while -inf
+/// logits, masked tokens, only make it -inf): what [`add_non_finite_check`] looks at.
+fn add_logit_sum(graph: &mut Graph, logits: &str, keep_dims: bool) -> Result<(), BackendError> {
+    add_constant(graph, "last_axis", &[1], &[-1i64])?;
+    add_node(
+        graph,
+        "ReduceSum",
+        &[logits, "last_axis"],
+        "logit_sum",
+        vec![Attribute::new("keepdims", i64::from(keep_dims))?],
+    )
+}
+
+/// `token_ids [n, 1]`: `chosen [n, 1]`, or [`NON_FINITE_LOGITS`] where `probe [n, 1]`
+/// (a sum over the row's logits or probabilities) is NaN or +inf: where it is not
+/// below +inf (two nodes: a run costs each node's overhead).
+fn add_non_finite_check(graph: &mut Graph, probe: &str, chosen: &str) -> Result<(), BackendError> {
+    add_constant(graph, "non_finite_id", &[], &[NON_FINITE_LOGITS])?;
+    add_constant(graph, "infinity", &[], &[f32::INFINITY])?;
+    add_node(
+        graph,
+        "Less",
+        &[probe, "infinity"],
+        "probe_is_finite",
+        vec![],
+    )?;
+    add_node(
+        graph,
+        "Where",
+        &["probe_is_finite", chosen, "non_finite_id"],
+        PICKER_TOKEN_IDS,
+        vec![],
+    )
 }
 
 /// `last_logits [n, 1, vocab]`: the last position of the chosen rows of `logits` (that
@@ -231,9 +274,12 @@ pub fn token_sampler(
         g,
         "GatherElements",
         &["order", "rank_drawn"],
-        PICKER_TOKEN_IDS,
+        "drawn",
         vec![axis("axis", 1)?],
     )?;
+    // Top-k can drop a NaN from the draw: the check looks at every logit.
+    add_logit_sum(g, "row_logits", true)?;
+    add_non_finite_check(g, "logit_sum", "drawn")?;
     session_from_graph(graph, environment, options, "the token sampler")
 }
 
@@ -356,13 +402,9 @@ pub fn plain_token_sampler(
     add_draw(g, "probabilities")?;
     add_node(g, "Shape", &["scaled"], "vocab", vec![axis("start", 1)?])?;
     add_node(g, "Sub", &["vocab", "one"], "last_id", vec![])?;
-    add_node(
-        g,
-        "Min",
-        &["drawn_rank", "last_id"],
-        PICKER_TOKEN_IDS,
-        vec![],
-    )?;
+    add_node(g, "Min", &["drawn_rank", "last_id"], "drawn", vec![])?;
+    // A NaN or +inf logit (or all -inf) makes every probability NaN, and so the mass.
+    add_non_finite_check(g, "kept_mass", "drawn")?;
     session_from_graph(graph, environment, options, "the plain token sampler")
 }
 

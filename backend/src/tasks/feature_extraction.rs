@@ -1,6 +1,6 @@
 //! `feature-extraction`: texts or token ids in, hidden states and a pooled embedding out.
 
-use ndarray::{ArrayView2, ArrayView3, s};
+use ndarray::{ArrayView2, ArrayView3, Axis, s};
 
 use super::encoder::{
     ATTENTION_MASK, EncodedRequest, Encoder, EncoderInstance, EncoderSettings, INPUT_IDS,
@@ -273,6 +273,17 @@ fn answer(
     for (request, responder) in requests.iter().zip(responders.iter_mut()) {
         let range = offset..offset + request.rows.len();
         offset = range.end;
+        // A NaN or infinity at any of a text's positions makes its mean NaN.
+        let broken = pooled
+            .slice(s![range.clone(), ..])
+            .axis_iter(Axis(0))
+            .position(|embedding| embedding.iter().any(|v| !v.is_finite()));
+        if let Some(element) = broken {
+            responder.fail(&BackendError::not_finite(format_args!(
+                "the model's hidden states for element {element} are"
+            )));
+            continue;
+        }
         let _reported = responder.respond(true, &mut |writer| {
             if request.wants(LAST_HIDDEN_STATE) {
                 // Cut the batch padding back to this request's own longest sequence.

@@ -203,6 +203,16 @@ impl SentimentClassifier {
                 .take(request.rows.len())
                 .map(softmax)
                 .collect();
+            // NaN or +inf logits, or all -inf, give NaN scores: no label can be chosen.
+            let broken = probabilities
+                .iter()
+                .position(|p| p.iter().any(|v| !v.is_finite()));
+            if let Some(element) = broken {
+                responder.fail(&BackendError::not_finite(format_args!(
+                    "the model's logits for element {element} are"
+                )));
+                continue;
+            }
             let _reported = responder.respond(true, &mut |writer| {
                 if request.wants(SENTIMENT_SCORE) {
                     let mut shape = request.leading.clone();
