@@ -5,7 +5,7 @@ same execution or running batch, is answered as by the intact model. A canary of
 version is rolled back on its errors.
 
 The broken models are copies of the bundled ones whose graph turns NaN or +inf for the
-sequences holding one token (tests/poison.py)."""
+sequences holding one token (tests/model_edits.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from conftest import (
     running_server,
     text_input,
 )
-from poison import poison_file, poisoned_copy, vocabulary
+from model_edits import poison_file, poisoned_copy, vocabulary
 
 NAN, INF = float("nan"), float("inf")
 # Tokenized as '^' (BERT: [UNK]) and '~' by the GPT-2-style tokenizers, and 'street'

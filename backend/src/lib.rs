@@ -13,6 +13,7 @@ pub mod canary;
 pub mod config;
 pub mod encoder_metrics;
 pub mod error;
+pub mod float_tensor;
 pub mod generation;
 pub mod generation_metrics;
 pub mod health;

@@ -2,19 +2,23 @@
 //! CUDA session (the decoder's, or a token-choosing graph's) must fail with a clear
 //! error instead of silently running on the CPU (Triton itself refuses `KIND_GPU`
 //! instances on machines without GPUs). On the CPU, the greedy picker takes the arg-max
-//! of the last position, and the sampler draws the token the host sampler draws.
+//! of the last position, and the sampler draws the token the host sampler draws, from
+//! float32, float16 and bfloat16 logits alike; rows whose logits are not finite are
+//! refused; the cache merger keeps float32 and float16 caches exactly.
 //!
 //! Needs the ONNX Runtime library that `scripts/setup.sh` installs, or
 //! `TRITON_RUST_ORT_LIBRARY` pointing at one.
 
 use std::path::{Path, PathBuf};
 
+use half::{bf16, f16};
 use ort::environment::Environment;
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor, TensorElementType};
 use std::collections::HashSet;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use triton_rust::float_tensor::{FloatType, read_f32};
 use triton_rust::generation::cache_rows::{
     self, JOINING, KEEP, MERGED, PAD, STAYING, SidePlan, TRIM,
 };
@@ -81,29 +85,65 @@ fn cuda_sessions_fail_clearly_without_cuda_and_cpu_sessions_load() {
 #[test]
 fn greedy_token_picker_takes_the_last_positions_arg_max() {
     let environment = environment();
-    let error =
-        sampler_graphs::greedy_token_picker(&environment, options(Device::Cuda { device_id: 0 }))
-            .expect_err("no CUDA here: the picker must not fall back to CPU")
-            .to_string();
+    let error = sampler_graphs::greedy_token_picker(
+        &environment,
+        options(Device::Cuda { device_id: 0 }),
+        FloatType::F32,
+    )
+    .expect_err("no CUDA here: the picker must not fall back to CPU")
+    .to_string();
     assert!(error.contains("could not be enabled on GPU 0"), "{error}");
 
-    let mut picker = sampler_graphs::greedy_token_picker(&environment, options(Device::Cpu))
-        .expect("CPU picker builds");
-    // [batch 2, sequence 2, vocab 3]: only the last position counts; ties go to the first.
-    let logits = vec![
-        9.0f32, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 9.0, 2.0, 2.0, 1.0,
-    ];
-    let logits = Tensor::from_array(([2usize, 2, 3], logits)).expect("a tensor");
-    // The rows chosen for, in the order asked.
-    let rows = Tensor::from_array(([3usize], vec![1i64, 0, 1])).expect("a tensor");
-    let outputs = picker
-        .run(ort::inputs![PICKER_LOGITS => logits, CHOOSER_ROWS => rows])
-        .expect("the picker runs");
-    let (shape, ids) = outputs[PICKER_TOKEN_IDS]
-        .try_extract_tensor::<i64>()
-        .expect("int64 ids");
-    assert_eq!(shape[..], [3, 1]);
-    assert_eq!(ids, [0, 1, 0]);
+    for ty in LOGIT_TYPES {
+        let mut picker =
+            sampler_graphs::greedy_token_picker(&environment, options(Device::Cpu), ty)
+                .expect("CPU picker builds");
+        // [batch 2, sequence 2, vocab 3]: only the last position counts; ties go to the
+        // first.
+        let logits = vec![
+            9.0f32, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 9.0, 2.0, 2.0, 1.0,
+        ];
+        let logits = float_tensor(ty, &[2, 2, 3], logits);
+        // The rows chosen for, in the order asked.
+        let rows = Tensor::from_array(([3usize], vec![1i64, 0, 1])).expect("a tensor");
+        let outputs = picker
+            .run(ort::inputs![PICKER_LOGITS => logits, CHOOSER_ROWS => rows])
+            .expect("the picker runs");
+        let (shape, ids) = outputs[PICKER_TOKEN_IDS]
+            .try_extract_tensor::<i64>()
+            .expect("int64 ids");
+        assert_eq!(shape[..], [3, 1]);
+        assert_eq!(ids, [0, 1, 0], "{ty:?}");
+    }
+}
+
+/// The logits types of decoders: float32, and a half-precision export's.
+const LOGIT_TYPES: [FloatType; 3] = [FloatType::F32, FloatType::F16, FloatType::Bf16];
+
+/// `values` as `ty` (rounded to its precision).
+fn float_tensor(ty: FloatType, shape: &[usize], values: Vec<f32>) -> DynValue {
+    let shape = shape.to_vec();
+    match ty {
+        FloatType::F32 => Tensor::from_array((shape, values)).map(Tensor::into_dyn),
+        FloatType::F16 => {
+            let values: Vec<f16> = values.into_iter().map(f16::from_f32).collect();
+            Tensor::from_array((shape, values)).map(Tensor::into_dyn)
+        }
+        FloatType::Bf16 => {
+            let values: Vec<bf16> = values.into_iter().map(bf16::from_f32).collect();
+            Tensor::from_array((shape, values)).map(Tensor::into_dyn)
+        }
+    }
+    .expect("a float tensor")
+}
+
+/// `value` rounded to what `ty` holds, back in f32.
+fn rounded(ty: FloatType, value: f32) -> f32 {
+    match ty {
+        FloatType::F32 => value,
+        FloatType::F16 => f16::from_f32(value).to_f32(),
+        FloatType::Bf16 => bf16::from_f32(value).to_f32(),
+    }
 }
 
 /// The sampler written plainly on the host, step by step as Hugging Face applies the
@@ -169,14 +209,24 @@ fn token_samplers_choose_what_the_reference_chooses() {
         sampler_graphs::token_sampler,
         sampler_graphs::plain_token_sampler,
     ] {
-        let error = build(&environment, options(Device::Cuda { device_id: 0 }))
-            .expect_err("no CUDA here: a sampler must not fall back to CPU")
-            .to_string();
+        let error = build(
+            &environment,
+            options(Device::Cuda { device_id: 0 }),
+            FloatType::F32,
+        )
+        .expect_err("no CUDA here: a sampler must not fall back to CPU")
+        .to_string();
         assert!(error.contains("could not be enabled on GPU 0"), "{error}");
     }
-    let mut sorted = sampler_graphs::token_sampler(&environment, options(Device::Cpu))
+    for ty in LOGIT_TYPES {
+        samplers_choose_what_the_reference_chooses(&environment, ty);
+    }
+}
+
+fn samplers_choose_what_the_reference_chooses(environment: &Environment, ty: FloatType) {
+    let mut sorted = sampler_graphs::token_sampler(environment, options(Device::Cpu), ty)
         .expect("CPU sampler builds");
-    let mut plain = sampler_graphs::plain_token_sampler(&environment, options(Device::Cpu))
+    let mut plain = sampler_graphs::plain_token_sampler(environment, options(Device::Cpu), ty)
         .expect("CPU plain sampler builds");
 
     const VOCAB: usize = 50;
@@ -209,8 +259,9 @@ fn token_samplers_choose_what_the_reference_chooses() {
         let row = SamplerRow::new(&params);
         let mut noise = ChaCha8Rng::seed_from_u64(case as u64 + 1000);
         // Two positions per row: the sampler must use the last one.
+        // What the model's type holds: the reference sees the values the graph sees.
         let logits: Vec<f32> = (0..ROWS * 2 * VOCAB)
-            .map(|_| (uniform(&mut noise) - 0.5) * 8.0)
+            .map(|_| rounded(ty, (uniform(&mut noise) - 0.5) * 8.0))
             .collect();
         // Seen tokens, with repeats (counted once).
         let history: Vec<i64> = (0..ROWS * HISTORY)
@@ -249,7 +300,7 @@ fn token_samplers_choose_what_the_reference_chooses() {
             .collect();
         let picked_rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let mut inputs = ort::inputs![
-            PICKER_LOGITS => Tensor::from_array(([ROWS, 2, VOCAB], logits)).expect("logits"),
+            PICKER_LOGITS => float_tensor(ty, &[ROWS, 2, VOCAB], logits),
             CHOOSER_ROWS => Tensor::from_array(([count], picked_rows)).expect("rows"),
             SAMPLER_TEMPERATURE => column(row.temperature).expect("t"),
             SAMPLER_UNIFORM => Tensor::from_array(([count, 1], picked_uniforms)).expect("u"),
@@ -274,13 +325,19 @@ fn token_samplers_choose_what_the_reference_chooses() {
             .try_extract_tensor::<i64>()
             .expect("int64 ids");
         assert_eq!(shape[..], [count as i64, 1]);
-        assert_eq!(ids, expected, "settings {case}: {params:?}");
+        assert_eq!(ids, expected, "{ty:?}, settings {case}: {params:?}");
     }
 }
 
 #[test]
 fn every_token_chooser_refuses_rows_whose_logits_are_not_finite() {
     let environment = environment();
+    for ty in LOGIT_TYPES {
+        non_finite_rows_are_refused(&environment, ty);
+    }
+}
+
+fn non_finite_rows_are_refused(environment: &Environment, ty: FloatType) {
     const VOCAB: usize = 6;
     // One position per row: finite; one NaN; one +inf; -inf for masked tokens (finite
     // otherwise, so a token is chosen); every logit NaN.
@@ -292,12 +349,12 @@ fn every_token_chooser_refuses_rows_whose_logits_are_not_finite() {
         [f32::NAN; VOCAB],
     ];
     let count = rows.len();
-    let logits = || Tensor::from_array(([count, 1, VOCAB], rows.concat())).expect("logits");
+    let logits = || float_tensor(ty, &[count, 1, VOCAB], rows.concat());
     let chosen = || Tensor::from_array(([count], (0..count as i64).collect::<Vec<_>>()));
     let column = |value: f32| Tensor::from_array(([count, 1], vec![value; count]));
     let refused = NON_FINITE_LOGITS;
 
-    let mut picker = sampler_graphs::greedy_token_picker(&environment, options(Device::Cpu))
+    let mut picker = sampler_graphs::greedy_token_picker(environment, options(Device::Cpu), ty)
         .expect("CPU picker builds");
     let outputs = picker
         .run(ort::inputs![PICKER_LOGITS => logits(), CHOOSER_ROWS => chosen().expect("rows")])
@@ -305,17 +362,17 @@ fn every_token_chooser_refuses_rows_whose_logits_are_not_finite() {
     let (_, ids) = outputs[PICKER_TOKEN_IDS]
         .try_extract_tensor::<i64>()
         .expect("ids");
-    assert_eq!(ids, [1, refused, refused, 1, refused], "greedy");
+    assert_eq!(ids, [1, refused, refused, 1, refused], "greedy, {ty:?}");
 
     for (name, build, sorted) in [
         (
             "plain",
-            sampler_graphs::plain_token_sampler as fn(_, _) -> _,
+            sampler_graphs::plain_token_sampler as fn(_, _, _) -> _,
             false,
         ),
         ("sorted", sampler_graphs::token_sampler, true),
     ] {
-        let mut sampler = build(&environment, options(Device::Cpu)).expect("sampler builds");
+        let mut sampler = build(environment, options(Device::Cpu), ty).expect("sampler builds");
         let mut inputs = ort::inputs![
             PICKER_LOGITS => logits(),
             CHOOSER_ROWS => chosen().expect("rows"),
@@ -381,8 +438,16 @@ fn expected_side(values: &[f32], width: usize, plan: &SidePlan) -> Vec<f32> {
 #[test]
 fn cache_merger_keeps_rows_trims_shared_padding_and_left_pads_to_one_width() {
     let environment = environment();
+    // bfloat16 is left out: ONNX Runtime's CPU Pad has no kernel for it (the decoder
+    // refuses such a cache on CPU).
+    for ty in [FloatType::F32, FloatType::F16] {
+        merges_caches(&environment, ty);
+    }
+}
+
+fn merges_caches(environment: &Environment, ty: FloatType) {
     let mut merger =
-        cache_rows::cache_merger(&environment, options(Device::Cpu), 2).expect("merger builds");
+        cache_rows::cache_merger(environment, options(Device::Cpu), 2, ty).expect("merger builds");
     /// Each side's (rows, width), and its kept rows with their padding.
     type Case<'a> = ((usize, usize), (usize, usize), [&'a [(usize, usize)]; 2]);
     let cases: [Case<'_>; 3] = [
@@ -408,9 +473,7 @@ fn cache_merger_keeps_rows_trims_shared_padding_and_left_pads_to_one_width() {
                 let shifted: Vec<f32> = values.iter().map(|v| v + offset).collect();
                 inputs.push((
                     cache_rows::cache_tensor(side, tensor),
-                    Tensor::from_array(([rows, 2, width, 3], shifted))
-                        .expect("tensor")
-                        .into_dyn(),
+                    float_tensor(ty, &[rows, 2, width, 3], shifted),
                 ));
             }
         }
@@ -435,17 +498,70 @@ fn cache_merger_keeps_rows_trims_shared_padding_and_left_pads_to_one_width() {
         let mut expected = expected_side(&staying, width, &plans[0]);
         expected.extend(expected_side(&joining, joining_width, &plans[1]));
         for tensor in 0..2 {
-            let (shape, merged) = outputs[cache_rows::cache_tensor(MERGED, tensor).as_str()]
-                .try_extract_tensor::<f32>()
-                .expect("f32 output");
+            let (shape, merged) =
+                read_f32(&outputs[cache_rows::cache_tensor(MERGED, tensor).as_str()])
+                    .expect("a float output");
             assert_eq!(shape[..], [merged_rows as i64, 2, merged_width as i64, 3]);
             // Padding stays 0; every kept value carries its tensor's offset.
             let offset = tensor as f32 * 0.5;
             let wanted: Vec<f32> = expected
                 .iter()
-                .map(|&v| if v == 0.0 { 0.0 } else { v + offset })
+                .map(|&v| {
+                    if v == 0.0 {
+                        0.0
+                    } else {
+                        rounded(ty, v + offset)
+                    }
+                })
                 .collect();
-            assert_eq!(merged, &wanted[..], "case {kept:?}, tensor {tensor}");
+            assert_eq!(
+                merged[..],
+                wanted[..],
+                "{ty:?}, case {kept:?}, tensor {tensor}"
+            );
         }
+    }
+}
+
+#[test]
+fn half_tensors_read_as_the_f32_they_hold() {
+    let _environment = environment();
+    let values = [0.5f32, -2.0, 65504.0, f32::INFINITY];
+    let f16s: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+    let bf16s: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+    for value in [
+        Tensor::from_array(([2usize, 2], values.to_vec()))
+            .expect("f32")
+            .into_dyn(),
+        Tensor::from_array(([2usize, 2], f16s))
+            .expect("f16")
+            .into_dyn(),
+        Tensor::from_array(([2usize, 2], bf16s))
+            .expect("bf16")
+            .into_dyn(),
+    ] {
+        let (shape, read) = read_f32(&value).expect("a float tensor");
+        assert_eq!(shape[..], [2, 2]);
+        // 65504 (f16's largest) rounds to 65536 in bfloat16's 8-bit mantissa.
+        let expected = if value.dtype().tensor_type() == Some(TensorElementType::Bfloat16) {
+            [0.5, -2.0, 65536.0, f32::INFINITY]
+        } else {
+            values
+        };
+        assert_eq!(read[..], expected);
+    }
+    let ints = Tensor::from_array(([1usize], vec![1i64]))
+        .expect("i64")
+        .into_dyn();
+    let error = read_f32(&ints).expect_err("not a float tensor").to_string();
+    assert!(error.contains("not a float tensor"), "{error}");
+}
+
+#[test]
+fn empty_tensors_take_the_type() {
+    let _environment = environment();
+    for ty in [FloatType::F32, FloatType::F16, FloatType::Bf16] {
+        let tensor = ty.empty_tensor(vec![2, 3, 0, 4]).expect("an empty tensor");
+        assert_eq!(tensor.dtype().tensor_type(), Some(ty.element_type()));
     }
 }

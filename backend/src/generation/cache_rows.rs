@@ -12,6 +12,7 @@ use ort::value::{Outlet, TensorElementType};
 
 use super::sampler_graphs::{add_constant, add_node, dynamic_tensor, session_from_graph};
 use crate::error::BackendError;
+use crate::float_tensor::FloatType;
 use crate::onnx::SessionOptions;
 
 /// The two sides of a merge: per cache tensor `t` (layer by layer, key then value),
@@ -36,12 +37,13 @@ pub fn cache_tensor(part: &str, tensor: usize) -> String {
     format!("{part}.{tensor}")
 }
 
-/// Builds the merge graph for a cache of `tensors` tensors (all merged in one run), with
-/// the decoder's session `options`.
+/// Builds the merge graph for a cache of `tensors` tensors of type `cache` (all merged
+/// in one run), with the decoder's session `options`.
 pub fn cache_merger(
     environment: &Environment,
     options: SessionOptions,
     tensors: usize,
+    cache: FloatType,
 ) -> Result<Session, BackendError> {
     let mut graph = Graph::new()?;
     let mut inputs = Vec::new();
@@ -55,7 +57,7 @@ pub fn cache_merger(
         for tensor in 0..tensors {
             inputs.push(Outlet::new(
                 cache_tensor(side, tensor),
-                dynamic_tensor(TensorElementType::Float32, 4),
+                dynamic_tensor(cache.element_type(), 4),
             ));
         }
     }
@@ -63,7 +65,7 @@ pub fn cache_merger(
     graph.set_outputs((0..tensors).map(|tensor| {
         Outlet::new(
             cache_tensor(MERGED, tensor),
-            dynamic_tensor(TensorElementType::Float32, 4),
+            dynamic_tensor(cache.element_type(), 4),
         )
     }))?;
     let g = &mut graph;

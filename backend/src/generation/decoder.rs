@@ -20,6 +20,7 @@ use super::sampler_graphs::{
     TokenChooser,
 };
 use crate::error::BackendError;
+use crate::float_tensor::FloatType;
 use crate::onnx::{Device, SessionOptions};
 
 /// A draw uniform in [0, 1) (24 bits, what an `f32` holds exactly).
@@ -35,6 +36,8 @@ pub struct DecoderBinding {
     pub(super) heads: usize,
     pub(super) head_dim: usize,
     pub(super) has_position_ids: bool,
+    /// The type of the cache's tensors.
+    cache: FloatType,
     /// The session's device: `present.*` outputs stay there and come back as the next
     /// step's `past_key_values.*` (IO binding), so on a GPU the cache never crosses to
     /// the host; the logits stay there too.
@@ -155,6 +158,41 @@ impl DecoderBinding {
         check_vocabulary(
             declared_shape(session.outputs(), "logits").and_then(|s| s.last().copied()),
         )?;
+        // float32, or a half-precision export's float16 or bfloat16; every cache tensor,
+        // in and out, of one type (the merger and the fed-back cache need one).
+        let outlet = |outlets: &[Outlet], name: &str| -> Result<FloatType, BackendError> {
+            let found = outlets
+                .iter()
+                .find(|o| o.name() == name)
+                .ok_or_else(|| BackendError::Unsupported(format!("the decoder lacks '{name}'")))?;
+            FloatType::of(found, "tensor")
+        };
+        let logits = outlet(session.outputs(), "logits")?;
+        let cache = outlet(session.inputs(), "past_key_values.0.key")?;
+        if cache == FloatType::Bf16 && options.device == Device::Cpu {
+            return unsupported(
+                "the decoder's KV cache is bfloat16, which ONNX Runtime's CPU kernels cannot \
+                 pad (the cache merger needs to): export it in float16 or float32 for \
+                 KIND_CPU instances"
+                    .into(),
+            );
+        }
+        for i in 0..layers {
+            for part in ["key", "value"] {
+                for (outlets, name) in [
+                    (session.inputs(), format!("past_key_values.{i}.{part}")),
+                    (session.outputs(), format!("present.{i}.{part}")),
+                ] {
+                    let ty = outlet(outlets, &name)?;
+                    if ty != cache {
+                        return unsupported(format!(
+                            "the decoder's '{name}' is {ty:?} but 'past_key_values.0.key' is \
+                             {cache:?}: the cache must have one type"
+                        ));
+                    }
+                }
+            }
+        }
         Ok(DecoderBinding {
             layers,
             heads,
@@ -162,10 +200,11 @@ impl DecoderBinding {
             has_position_ids: names.contains(&"position_ids"),
             device_memory: memory_info(options.device)?,
             host_memory: memory_info(Device::Cpu)?,
-            picker: sampler_graphs::greedy_token_picker(environment, options)?,
-            sampler: sampler_graphs::token_sampler(environment, options)?,
-            plain_sampler: sampler_graphs::plain_token_sampler(environment, options)?,
-            merger: cache_rows::cache_merger(environment, options, layers * 2)?,
+            cache,
+            picker: sampler_graphs::greedy_token_picker(environment, options, logits)?,
+            sampler: sampler_graphs::token_sampler(environment, options, logits)?,
+            plain_sampler: sampler_graphs::plain_token_sampler(environment, options, logits)?,
+            merger: cache_rows::cache_merger(environment, options, layers * 2, cache)?,
         })
     }
 
@@ -173,9 +212,8 @@ impl DecoderBinding {
     pub(super) fn empty_cache(&self, rows: usize) -> Result<Vec<DynValue>, BackendError> {
         (0..self.layers * 2)
             .map(|_| {
-                let empty =
-                    Tensor::<f32>::from_array(([rows, self.heads, 0, self.head_dim], Vec::new()))?;
-                Ok(empty.into_dyn())
+                self.cache
+                    .empty_tensor(vec![rows, self.heads, 0, self.head_dim])
             })
             .collect()
     }

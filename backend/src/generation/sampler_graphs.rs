@@ -11,6 +11,7 @@ use ort::session::Session;
 use ort::value::{Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, ValueType};
 
 use crate::error::BackendError;
+use crate::float_tensor::FloatType;
 use crate::onnx::{SessionOptions, session_builder};
 
 /// Inputs and output of every graph here: the decoder's `logits [batch, sequence,
@@ -42,17 +43,18 @@ pub enum TokenChooser {
 pub fn greedy_token_picker(
     environment: &Environment,
     options: SessionOptions,
+    logits: FloatType,
 ) -> Result<Session, BackendError> {
     let mut graph = Graph::new()?;
     graph.set_inputs([
-        Outlet::new(PICKER_LOGITS, dynamic_tensor(TensorElementType::Float32, 3)),
+        Outlet::new(PICKER_LOGITS, dynamic_tensor(logits.element_type(), 3)),
         Outlet::new(CHOOSER_ROWS, dynamic_tensor(TensorElementType::Int64, 1)),
     ])?;
     graph.set_outputs([Outlet::new(
         PICKER_TOKEN_IDS,
         dynamic_tensor(TensorElementType::Int64, 2),
     )])?;
-    add_last_position_logits(&mut graph)?;
+    add_last_position_logits(&mut graph, logits)?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     add_node(
         &mut graph,
@@ -102,10 +104,11 @@ fn add_non_finite_check(graph: &mut Graph, probe: &str, chosen: &str) -> Result<
     )
 }
 
-/// `last_logits [n, 1, vocab]`: the last position of the chosen rows of `logits` (that
-/// position first: a prefill's logits hold every position), and the constant `last`
-/// ([-1]) that picks it.
-fn add_last_position_logits(graph: &mut Graph) -> Result<(), BackendError> {
+/// `last_logits [n, 1, vocab]`, float32: the last position of the chosen rows of
+/// `logits` (that position first: a prefill's logits hold every position; half-precision
+/// logits are widened after the gathers, on the rows' last position only), and the
+/// constant `last` ([-1]) that picks it.
+fn add_last_position_logits(graph: &mut Graph, logits: FloatType) -> Result<(), BackendError> {
     add_constant(graph, "last", &[1], &[-1i64])?;
     add_node(
         graph,
@@ -114,13 +117,24 @@ fn add_last_position_logits(graph: &mut Graph) -> Result<(), BackendError> {
         "every_last_logits",
         vec![Attribute::new("axis", 1i64)?],
     )?;
+    let gathered = if logits == FloatType::F32 {
+        "last_logits"
+    } else {
+        "last_logits_narrow"
+    };
     add_node(
         graph,
         "Gather",
         &["every_last_logits", CHOOSER_ROWS],
-        "last_logits",
+        gathered,
         vec![Attribute::new("axis", 0i64)?],
-    )
+    )?;
+    if logits != FloatType::F32 {
+        // 1: ONNX's FLOAT.
+        let to_float = Attribute::new("to", 1i64)?;
+        add_node(graph, "Cast", &[gathered], "last_logits", vec![to_float])?;
+    }
+    Ok(())
 }
 
 /// A tensor type whose `rank` dimensions are all dynamic.
@@ -204,11 +218,15 @@ pub(super) fn add_node(
 pub fn token_sampler(
     environment: &Environment,
     options: SessionOptions,
+    logits: FloatType,
 ) -> Result<Session, BackendError> {
-    let mut graph = sampler_graph(&[
-        (SAMPLER_TOP_K, TensorElementType::Int64),
-        (SAMPLER_TOP_P, TensorElementType::Float32),
-    ])?;
+    let mut graph = sampler_graph(
+        logits,
+        &[
+            (SAMPLER_TOP_K, TensorElementType::Int64),
+            (SAMPLER_TOP_P, TensorElementType::Float32),
+        ],
+    )?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     let g = &mut graph;
     add_constant(g, "axis_0", &[1], &[0i64])?;
@@ -287,10 +305,13 @@ pub fn token_sampler(
 /// `[n, 1]`), its output, and the nodes every sampler shares: the rows' last position,
 /// the repetition penalty on the `history` tokens, then the temperature, giving
 /// `scaled [n, vocab]`; plus the constants `axis_1`, `axis_0_scalar`, `one`, `zero_f`.
-fn sampler_graph(extra: &[(&str, TensorElementType)]) -> Result<Graph, BackendError> {
+fn sampler_graph(
+    logits: FloatType,
+    extra: &[(&str, TensorElementType)],
+) -> Result<Graph, BackendError> {
     let mut graph = Graph::new()?;
     let mut inputs = vec![
-        Outlet::new(PICKER_LOGITS, dynamic_tensor(TensorElementType::Float32, 3)),
+        Outlet::new(PICKER_LOGITS, dynamic_tensor(logits.element_type(), 3)),
         Outlet::new(CHOOSER_ROWS, dynamic_tensor(TensorElementType::Int64, 1)),
         Outlet::new(
             SAMPLER_TEMPERATURE,
@@ -316,7 +337,7 @@ fn sampler_graph(extra: &[(&str, TensorElementType)]) -> Result<Graph, BackendEr
         PICKER_TOKEN_IDS,
         dynamic_tensor(TensorElementType::Int64, 2),
     )])?;
-    add_last_position_logits(&mut graph)?;
+    add_last_position_logits(&mut graph, logits)?;
     add_constant(&mut graph, "axis_1", &[1], &[1i64])?;
     add_constant(&mut graph, "axis_0_scalar", &[], &[0i64])?;
     add_constant(&mut graph, "one", &[], &[1i64])?;
@@ -388,8 +409,9 @@ fn sampler_graph(extra: &[(&str, TensorElementType)]) -> Result<Graph, BackendEr
 pub fn plain_token_sampler(
     environment: &Environment,
     options: SessionOptions,
+    logits: FloatType,
 ) -> Result<Session, BackendError> {
-    let mut graph = sampler_graph(&[])?;
+    let mut graph = sampler_graph(logits, &[])?;
     let axis = |name: &str, value: i64| Attribute::new(name, value);
     let g = &mut graph;
     add_node(

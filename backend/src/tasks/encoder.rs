@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::task::{InstanceContext, ModelContext, Pending, fail_all, unzip_batch};
 use crate::encoder_metrics::EncoderMetrics;
 use crate::error::BackendError;
+use crate::float_tensor::{FloatType, read_f32};
 use crate::memory;
 use crate::onnx::{Device, OnnxModel};
 use crate::responder::Responder;
@@ -190,8 +191,8 @@ impl Encoder {
         }
         let outputs = session.outputs();
         let output = match outputs.iter().find(|o| o.name() == wanted) {
-            Some(outlet) => outlet.name().to_owned(),
-            None if outputs.len() == 1 => outputs[0].name().to_owned(),
+            Some(outlet) => outlet,
+            None if outputs.len() == 1 => &outputs[0],
             None => {
                 let names: Vec<_> = outputs.iter().map(|o| o.name().to_owned()).collect();
                 return Err(BackendError::Unsupported(format!(
@@ -199,6 +200,9 @@ impl Encoder {
                 )));
             }
         };
+        // float16 and bfloat16 (a half-precision export) are read as f32.
+        FloatType::of(output, "output")?;
+        let output = output.name().to_owned();
         let mut instance = EncoderInstance {
             session,
             inputs,
@@ -294,8 +298,8 @@ impl Encoder {
         let value = outputs.get(&instance.output).ok_or_else(|| {
             BackendError::internal(format!("the model returned no '{}'", instance.output))
         })?;
-        let (out_shape, data) = value.try_extract_tensor::<f32>()?;
-        read(out_shape, data)
+        let (out_shape, data) = read_f32(value)?;
+        read(out_shape, &data)
     }
 
     /// Runs every request's rows and hands the graph's output for the whole batch

@@ -1,6 +1,11 @@
-"""Broken copies of the bundled models, as a float16 export that overflows is broken:
-an ONNX graph whose output turns NaN (or +inf) for every sequence that holds a chosen
-token, and stays the original's, bit for bit, for every other sequence."""
+"""Copies of the bundled models with their ONNX graphs edited:
+
+- broken ones, as a float16 export that overflows is broken: the output turns NaN (or
+  +inf) for every sequence that holds a chosen token, and stays the original's, bit for
+  bit, for every other sequence;
+- half-precision ones, with the float inputs and outputs of a float16 (or bfloat16)
+  export: the graph casts them at its edges and computes in float32 inside, which is all
+  a backend sees of such an export."""
 
 from __future__ import annotations
 
@@ -82,3 +87,50 @@ def poison_file(path: Path, output: str, tokens: dict[int, float]) -> None:
 
 def vocabulary(model_dir: Path) -> dict[str, int]:
     return json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+TYPES = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+         "int64": TensorProto.INT64}
+
+
+def retype_graph(model: onnx.ModelProto, to: str) -> None:
+    """Declares every float32 input and output of the graph as type `to` ("float16",
+    "bfloat16", or "int64" to break it), with casts from and to float32 at the graph's
+    edges."""
+    graph, to_type = model.graph, TYPES[to]
+    before, after = [], []
+    edges = [(value, True) for value in graph.input] + [(value, False) for value in graph.output]
+    for value, is_input in edges:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inside = f"{value.name}_float"
+        for node in graph.node:
+            node.input[:] = [inside if name == value.name else name for name in node.input]
+            node.output[:] = [inside if name == value.name else name for name in node.output]
+        if is_input:
+            before.append(helper.make_node("Cast", [value.name], [inside], to=TensorProto.FLOAT))
+        else:
+            after.append(helper.make_node("Cast", [inside], [value.name], to=to_type))
+        value.type.tensor_type.elem_type = to_type
+    nodes = before + list(graph.node) + after
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def retyped_copy(source: Path, target: Path, name: str, to: str, versions=("1",)) -> Path:
+    """A copy of model directory `source` named `name`, with only `versions`, each with
+    inputs and outputs of type `to` (see `retype_graph`), and its warm-up."""
+    target.mkdir(parents=True)
+    config = (source / "config.pbtxt").read_text()
+    (target / "config.pbtxt").write_text(
+        re.sub(r'^name: "[^"]*"', f'name: "{name}"', config, count=1, flags=re.M))
+    if (source / "warmup").is_dir():
+        shutil.copytree(source / "warmup", target / "warmup")
+    for version in versions:
+        shutil.copytree(source / version, target / version)
+        path = target / version / "model.onnx"
+        model = onnx.load(path)
+        retype_graph(model, to)
+        onnx.checker.check_model(model)
+        onnx.save(model, path)
+    return target
