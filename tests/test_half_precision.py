@@ -15,6 +15,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import (
@@ -26,7 +27,8 @@ from conftest import (
     running_server,
     text_input,
 )
-from model_edits import retyped_copy
+from model_edits import retype_graph, retyped_copy
+from test_export import DECODER, make_export, run_export
 
 TEXTS = ["What a wonderful day!", "The food was cold and late.", "It was fine, I guess."]
 PROMPTS = ["Once upon a time", "The weather today", "In a small village"]
@@ -125,3 +127,17 @@ def test_what_cannot_be_served_fails_its_load_saying_why(half):
     assert "float32, float16 or bfloat16" in reasons["sentiment-classifier-int64"], reasons
     response = infer(half, "sentiment-classifier-float16", [text_input(TEXTS[:1])])
     assert response.status_code == 200, response.text
+
+
+def test_a_float16_export_is_laid_out_by_the_export_tool_and_served(tmp_path, server):
+    """docs/real-models.md: `export_models.py --exported` lays out a half-precision
+    export made elsewhere as it is."""
+    exported = make_export(tmp_path / "export", DECODER)
+    model = onnx.load(exported / "model.onnx")
+    retype_graph(model, "float16")
+    onnx.save(model, exported / "model.onnx")
+    repository = tmp_path / "repository"
+    done = run_export(DECODER, "--exported", str(exported), "--repository", str(repository))
+    assert done.returncode == 0, done.stderr
+    with running_server(repository, tmp_path / "tritonserver.log") as triton:
+        assert generate(triton, DECODER, PROMPTS[2]) == generate(server, DECODER, PROMPTS[2])
