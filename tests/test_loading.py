@@ -121,6 +121,10 @@ def make_model(
 
 
 RANDOM_BYTES = random.Random(0).randbytes(4096)
+# GPT-2's own tokenizer: ids up to 50256, far past the bundled models' 2,000 tokens.
+GPT2_TOKENIZER = (Path(__file__).parent / "fixtures" / "gpt2-tokenizer" / "tokenizer.json").read_bytes()
+ANOTHER_MODELS_TOKENIZER = ("tokenizer.json gives ids up to 50256 ('<|endoftext|>')",
+                            "another model's", "embedding table")
 
 BROKEN = {
     "missing-model-onnx": Broken(
@@ -184,6 +188,14 @@ BROKEN = {
             'name: "text_input", data_type: TYPE_STRING',
             'name: "text_input", data_type: TYPE_INT32',
         ),
+    ),
+    "another-models-tokenizer": Broken(
+        CLASSIFIER, ANOTHER_MODELS_TOKENIZER,
+        files=overwrite_file("tokenizer.json", GPT2_TOKENIZER),
+    ),
+    "a-decoder-with-another-models-tokenizer": Broken(
+        "gpt2-small", ANOTHER_MODELS_TOKENIZER,
+        files=overwrite_file("tokenizer.json", GPT2_TOKENIZER),
     ),
     "ids-declared-without-mask": Broken(
         ENCODER,

@@ -182,6 +182,33 @@ pub fn encode_kept(
     tokenizer.encode(text, true)
 }
 
+/// The largest id `tokenizer` gives, added tokens included: the model's embedding table
+/// must hold it (a `tokenizer.json` of another model often has more tokens).
+pub fn highest_id(tokenizer: &Tokenizer) -> i64 {
+    tokenizer
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, i64::from)
+}
+
+/// The error of a load whose model fails on the tokenizer's `highest` id.
+pub fn vocabulary_mismatch(
+    tokenizer: &Tokenizer,
+    highest: i64,
+    error: impl std::fmt::Display,
+) -> BackendError {
+    let token = u32::try_from(highest)
+        .ok()
+        .and_then(|id| tokenizer.id_to_token(id))
+        .unwrap_or_default();
+    BackendError::Config(format!(
+        "tokenizer.json gives ids up to {highest} ('{token}'), but a sequence holding it fails \
+         on this model (is tokenizer.json another model's? the model's embedding table must \
+         hold every id the tokenizer gives): {error}"
+    ))
+}
+
 /// A `tokenizer.json` with the padding and truncation this backend needs.
 ///
 /// Padding in the file is switched off (a shipped tokenizer may pad every text to a fixed
@@ -263,6 +290,11 @@ impl TextEncoder {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// The largest id the tokenizer gives (added tokens included).
+    pub fn highest_id(&self) -> i64 {
+        highest_id(&self.tokenizer)
     }
 
     /// The tokenizer itself (for memory accounting).

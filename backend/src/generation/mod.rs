@@ -35,7 +35,7 @@ use crate::error::BackendError;
 use crate::responder::{CollectingResponder, Pending};
 use crate::settings::DEFAULT_MAX_TEXT_BYTES;
 use crate::text::read_texts;
-use crate::tokenize::{KeptTokens, encode_kept};
+use crate::tokenize::{KeptTokens, encode_kept, highest_id, vocabulary_mismatch};
 use crate::types::{DataType, InputTensor, OutputTensor, ParameterValue};
 use decoder::DecoderBinding;
 use llm_io::{ResponseOptions, read_flag};
@@ -305,9 +305,10 @@ impl Generator {
         (prompt_length + params.max_new_tokens).min(self.context_length)
     }
 
-    /// Runs one greedy step over a prompt of `context_length - 1` tokens, the longest a
-    /// request can make the decoder see: a model whose position table is shorter than
-    /// `max_sequence_length` fails here, at load, instead of on every long request.
+    /// Runs one greedy step over the tokenizer's highest id, then over a prompt of
+    /// `context_length - 1` tokens, the longest a request can make the decoder see: a
+    /// tokenizer of another model, or a model whose position table is shorter than
+    /// `max_sequence_length`, fails here, at load, instead of on requests.
     pub fn probe(
         &self,
         session: &mut Session,
@@ -319,9 +320,29 @@ impl Generator {
                 "max_sequence_length (the context) is {length}; text generation needs at least 2"
             )));
         }
+        let highest = highest_id(&self.tokenizer);
+        self.probe_prompt(session, binding, vec![highest])
+            .map_err(|error| vocabulary_mismatch(&self.tokenizer, highest, error))?;
+        self.probe_prompt(session, binding, vec![self.eos_id; length - 1])
+            .map_err(|error| {
+                BackendError::Config(format!(
+                    "max_sequence_length (the context) is {length}, but a prompt of {} tokens \
+                     fails on this model (is its position table shorter?): {error}",
+                    length - 1
+                ))
+            })
+    }
+
+    /// Generates one greedy token after `prompt_ids`, on this thread; the error, if any.
+    fn probe_prompt(
+        &self,
+        session: &mut Session,
+        binding: &mut DecoderBinding,
+        prompt_ids: Vec<i64>,
+    ) -> Result<(), String> {
         let request = GenerationRequest {
             prompts: vec![String::new()],
-            prompt_ids: vec![vec![self.eos_id; length - 1]],
+            prompt_ids: vec![prompt_ids],
             text_shape: vec![1],
             params: GenerationParams {
                 do_sample: false,
@@ -346,14 +367,7 @@ impl Generator {
             .unwrap_or_else(|e| e.into_inner())
             .error
             .take();
-        match error {
-            None => Ok(()),
-            Some(error) => Err(BackendError::Config(format!(
-                "max_sequence_length (the context) is {length}, but a prompt of {} tokens \
-                 fails on this model (is its position table shorter?): {error}",
-                length - 1
-            ))),
-        }
+        error.map_or(Ok(()), Err)
     }
 
     /// A row's final text: for a stream, what it has not sent yet; otherwise its

@@ -22,6 +22,7 @@ use crate::settings::{
 use crate::text::{TEXT_INPUT, read_texts};
 use crate::tokenize::{
     PaddedBatch, RUN_COST_TOKENS, TOKENIZER_FILE, TextEncoder, TokenRow, length_groups, pad_batch,
+    vocabulary_mismatch,
 };
 use crate::types::{InputTensor, MemoryUsage, element_count};
 
@@ -411,6 +412,18 @@ impl Encoder {
     /// every long request. Returns the width of the graph's output (labels or hidden
     /// size), which the configuration's output dimensions must match.
     fn probe(&self, instance: &mut EncoderInstance) -> Result<usize, BackendError> {
+        // First the tokenizer's highest id, in a short sequence: a tokenizer of another
+        // model fails here, and is named as the cause.
+        let highest = self.text.highest_id();
+        let row = TokenRow {
+            ids: vec![highest; 2],
+            attention_mask: vec![1; 2],
+            type_ids: vec![0; 2],
+        };
+        self.run_padded(instance, pad_batch(&[&row], self.text.pad_id()), |_, _| {
+            Ok(())
+        })
+        .map_err(|error| vocabulary_mismatch(self.text.tokenizer(), highest, error))?;
         let length = self.text.max_length();
         let row = TokenRow {
             ids: vec![self.text.pad_id(); length],
