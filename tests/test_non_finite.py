@@ -10,6 +10,7 @@ sequences holding one token (tests/model_edits.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import time
@@ -153,9 +154,28 @@ def test_a_stream_ends_with_the_error_instead_of_garbage(broken):
               for line in response.text.splitlines() if line.startswith("data: ")]
     assert events and all("text_output" not in event for event in events), events
     assert NOT_FINITE in events[-1]["error"], events
-    response = broken.post(path, {"text_input": CLEAN[0], "parameters": {"max_new_tokens": 20}})
+    # Greedy: the shipped stream samples, and may draw the poisoned token (see below).
+    clean = {"text_input": CLEAN[0], "parameters": {"do_sample": False, "max_new_tokens": 20}}
+    response = broken.post(path, clean)
     assert response.status_code == 200, response.text
     assert "error" not in response.text, response.text
+
+
+def test_a_generated_token_that_breaks_the_model_ends_its_request_there(broken):
+    """A clean prompt whose sampled continuation draws the poisoned token: the step
+    after it has NaN logits, and the error names that token's place."""
+    body = {"inputs": [text_input([CLEAN[0]])], "parameters": {"max_new_tokens": 40}}
+    for seed in range(200):
+        body["parameters"]["seed"] = seed
+        response = broken.post("/v2/models/gpt2-small-broken/infer", body)
+        if response.status_code != 200:
+            message = assert_error(response, NOT_FINITE, status=500)
+            place = int(re.search(r"choosing its new token (\d+)\)", message).group(1))
+            assert place > 1, message
+            break
+    else:
+        pytest.fail("no seed in 200 drew the poisoned token")
+    assert broken.is_healthy()
 
 
 def test_a_warm_up_sample_that_hits_it_fails_the_load(tmp_path, start_server):

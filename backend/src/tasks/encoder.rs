@@ -407,13 +407,12 @@ impl Encoder {
         }
     }
 
-    /// Runs one sequence of `max_sequence_length` tokens, the longest a request can
-    /// send: a model whose position table is shorter fails here, at load, instead of on
-    /// every long request. Returns the width of the graph's output (labels or hidden
+    /// Runs a short sequence of the tokenizer's highest id, then one sequence of
+    /// `max_sequence_length` tokens, the longest a request can send: a tokenizer of
+    /// another model, or a model whose position table is shorter, fails here, at load,
+    /// instead of on requests. Returns the width of the graph's output (labels or hidden
     /// size), which the configuration's output dimensions must match.
     fn probe(&self, instance: &mut EncoderInstance) -> Result<usize, BackendError> {
-        // First the tokenizer's highest id, in a short sequence: a tokenizer of another
-        // model fails here, and is named as the cause.
         let highest = self.text.highest_id();
         let row = TokenRow {
             ids: vec![highest; 2],
