@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -58,31 +59,43 @@ def poison_graph(model: onnx.ModelProto, output: str, tokens: dict[int, float]) 
     graph.initializer.extend(constants)
 
 
-def poisoned_copy(source: Path, target: Path, name: str, output: str,
-                  tokens: dict[int, float], versions=("1",), keep_warmup=False) -> Path:
-    """A copy of model directory `source` named `name`, with only `versions`, each
-    poisoned (see `poison_graph`), and without `model_warmup` unless `keep_warmup` (a
-    warm-up that drew a poisoned token would fail the load)."""
+def edited_copy(source: Path, target: Path, name: str, edit: Callable[[onnx.ModelProto], None],
+                keep_warmup=True) -> Path:
+    """A copy of model directory `source` named `name`, with only version 1, its graph
+    changed by `edit`; its warm-up is kept (where it has one) unless not `keep_warmup`,
+    which drops `model_warmup`."""
     target.mkdir(parents=True)
     config = (source / "config.pbtxt").read_text()
     config = re.sub(r'^name: "[^"]*"', f'name: "{name}"', config, count=1, flags=re.M)
-    if keep_warmup:
+    if keep_warmup and (source / "warmup").is_dir():
         shutil.copytree(source / "warmup", target / "warmup")
-    elif "model_warmup [" in config:
+    elif not keep_warmup and "model_warmup [" in config:
         config = config[: config.index("model_warmup [")]
     (target / "config.pbtxt").write_text(config)
-    for version in versions:
-        shutil.copytree(source / version, target / version)
-        poison_file(target / version / "model.onnx", output, tokens)
+    shutil.copytree(source / "1", target / "1")
+    edit_file(target / "1" / "model.onnx", edit)
     return target
+
+
+def edit_file(path: Path, edit: Callable[[onnx.ModelProto], None]) -> None:
+    """Changes the ONNX file at `path` in place by `edit`, and checks the result."""
+    model = onnx.load(path)
+    edit(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def poisoned_copy(source: Path, target: Path, name: str, output: str,
+                  tokens: dict[int, float], keep_warmup=False) -> Path:
+    """`edited_copy` with `poison_graph`, without `model_warmup` unless `keep_warmup` (a
+    warm-up that drew a poisoned token would fail the load)."""
+    return edited_copy(source, target, name, lambda model: poison_graph(model, output, tokens),
+                       keep_warmup=keep_warmup)
 
 
 def poison_file(path: Path, output: str, tokens: dict[int, float]) -> None:
     """Poisons the ONNX file at `path` in place (see `poison_graph`)."""
-    model = onnx.load(path)
-    poison_graph(model, output, tokens)
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+    edit_file(path, lambda model: poison_graph(model, output, tokens))
 
 
 def vocabulary(model_dir: Path) -> dict[str, int]:
@@ -117,20 +130,6 @@ def retype_graph(model: onnx.ModelProto, to: str) -> None:
     graph.node.extend(nodes)
 
 
-def retyped_copy(source: Path, target: Path, name: str, to: str, versions=("1",)) -> Path:
-    """A copy of model directory `source` named `name`, with only `versions`, each with
-    inputs and outputs of type `to` (see `retype_graph`), and its warm-up."""
-    target.mkdir(parents=True)
-    config = (source / "config.pbtxt").read_text()
-    (target / "config.pbtxt").write_text(
-        re.sub(r'^name: "[^"]*"', f'name: "{name}"', config, count=1, flags=re.M))
-    if (source / "warmup").is_dir():
-        shutil.copytree(source / "warmup", target / "warmup")
-    for version in versions:
-        shutil.copytree(source / version, target / version)
-        path = target / version / "model.onnx"
-        model = onnx.load(path)
-        retype_graph(model, to)
-        onnx.checker.check_model(model)
-        onnx.save(model, path)
-    return target
+def retyped_copy(source: Path, target: Path, name: str, to: str) -> Path:
+    """`edited_copy` with `retype_graph` to type `to`, its warm-up kept."""
+    return edited_copy(source, target, name, lambda model: retype_graph(model, to))

@@ -64,25 +64,32 @@ impl FloatType {
 /// A float tensor's shape and its values as f32: borrowed when it holds f32, converted
 /// when it holds float16 or bfloat16.
 pub fn read_f32(value: &DynValue) -> Result<(&Shape, Cow<'_, [f32]>), BackendError> {
-    if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
-        return Ok((shape, Cow::Borrowed(data)));
-    }
-    if let Ok((shape, data)) = value.try_extract_tensor::<f16>() {
-        return Ok((
-            shape,
-            Cow::Owned(widened(data, |d, out| d.convert_to_f32_slice(out))),
-        ));
-    }
-    let (shape, data) = value.try_extract_tensor::<bf16>().map_err(|_| {
-        BackendError::internal(format!(
-            "the model's output is a {}, not a float tensor",
-            value.dtype()
-        ))
-    })?;
-    Ok((
-        shape,
-        Cow::Owned(widened(data, |d, out| d.convert_to_f32_slice(out))),
-    ))
+    Ok(match value.dtype().tensor_type() {
+        Some(TensorElementType::Float32) => {
+            let (shape, data) = value.try_extract_tensor::<f32>()?;
+            (shape, Cow::Borrowed(data))
+        }
+        Some(TensorElementType::Float16) => {
+            let (shape, data) = value.try_extract_tensor::<f16>()?;
+            (
+                shape,
+                Cow::Owned(widened(data, |d, out| d.convert_to_f32_slice(out))),
+            )
+        }
+        Some(TensorElementType::Bfloat16) => {
+            let (shape, data) = value.try_extract_tensor::<bf16>()?;
+            (
+                shape,
+                Cow::Owned(widened(data, |d, out| d.convert_to_f32_slice(out))),
+            )
+        }
+        _ => {
+            return Err(BackendError::internal(format!(
+                "the model's output is a {}, not a float tensor",
+                value.dtype()
+            )));
+        }
+    })
 }
 
 fn widened<T>(data: &[T], convert: impl FnOnce(&[T], &mut [f32])) -> Vec<f32> {

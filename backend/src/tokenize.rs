@@ -219,6 +219,7 @@ pub struct TextEncoder {
     max_length: usize,
     pad_id: i64,
     vocab_size: usize,
+    highest_id: i64,
 }
 
 impl TextEncoder {
@@ -249,11 +250,13 @@ impl TextEncoder {
             }))
             .map_err(|e| BackendError::tokenizer("cannot set truncation", e))?;
         let vocab_size = tokenizer.get_vocab_size(true);
+        let highest_id = highest_id(&tokenizer);
         Ok(TextEncoder {
             tokenizer,
             max_length,
             pad_id,
             vocab_size,
+            highest_id,
         })
     }
 
@@ -294,7 +297,7 @@ impl TextEncoder {
 
     /// The largest id the tokenizer gives (added tokens included).
     pub fn highest_id(&self) -> i64 {
-        highest_id(&self.tokenizer)
+        self.highest_id
     }
 
     /// The tokenizer itself (for memory accounting).

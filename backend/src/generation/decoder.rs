@@ -127,20 +127,44 @@ impl DecoderBinding {
                 ));
             }
         }
-        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        // float32, or a half-precision export's float16 or bfloat16; every cache tensor,
+        // in and out, of one type (the merger and the fed-back cache need one).
+        let float_type = |outlets: &[Outlet], what: &str, name: &str| {
+            let found = outlets.iter().find(|o| o.name() == name).ok_or_else(|| {
+                BackendError::Unsupported(format!("the decoder lacks {what} '{name}'"))
+            })?;
+            FloatType::of(found, what)
+        };
+        let cache = float_type(session.inputs(), "input", "past_key_values.0.key")?;
+        if cache == FloatType::Bf16 && options.device == Device::Cpu {
+            return unsupported(
+                "the decoder's KV cache is bfloat16, which ONNX Runtime's CPU kernels cannot \
+                 pad (the cache merger needs to): export it in float16 or float32 for \
+                 KIND_CPU instances"
+                    .into(),
+            );
+        }
         for i in 0..layers {
             for part in ["key", "value"] {
-                if !names.contains(&format!("past_key_values.{i}.{part}").as_str()) {
-                    return unsupported(format!(
-                        "the decoder lacks input 'past_key_values.{i}.{part}'"
-                    ));
-                }
-                if !outputs.contains(&format!("present.{i}.{part}").as_str()) {
-                    return unsupported(format!("the decoder lacks output 'present.{i}.{part}'"));
+                for (outlets, what, name) in [
+                    (
+                        session.inputs(),
+                        "input",
+                        format!("past_key_values.{i}.{part}"),
+                    ),
+                    (session.outputs(), "output", format!("present.{i}.{part}")),
+                ] {
+                    let ty = float_type(outlets, what, &name)?;
+                    if ty != cache {
+                        return unsupported(format!(
+                            "the decoder's '{name}' is {ty:?} but 'past_key_values.0.key' is \
+                             {cache:?}: the cache must have one type"
+                        ));
+                    }
                 }
             }
         }
-        if !outputs.contains(&"logits") {
+        if !session.outputs().iter().any(|o| o.name() == "logits") {
             return unsupported("the decoder has no 'logits' output".into());
         }
         let cache_shape = declared_shape(session.inputs(), "past_key_values.0.key");
@@ -158,41 +182,7 @@ impl DecoderBinding {
         check_vocabulary(
             declared_shape(session.outputs(), "logits").and_then(|s| s.last().copied()),
         )?;
-        // float32, or a half-precision export's float16 or bfloat16; every cache tensor,
-        // in and out, of one type (the merger and the fed-back cache need one).
-        let outlet = |outlets: &[Outlet], name: &str| -> Result<FloatType, BackendError> {
-            let found = outlets
-                .iter()
-                .find(|o| o.name() == name)
-                .ok_or_else(|| BackendError::Unsupported(format!("the decoder lacks '{name}'")))?;
-            FloatType::of(found, "tensor")
-        };
-        let logits = outlet(session.outputs(), "logits")?;
-        let cache = outlet(session.inputs(), "past_key_values.0.key")?;
-        if cache == FloatType::Bf16 && options.device == Device::Cpu {
-            return unsupported(
-                "the decoder's KV cache is bfloat16, which ONNX Runtime's CPU kernels cannot \
-                 pad (the cache merger needs to): export it in float16 or float32 for \
-                 KIND_CPU instances"
-                    .into(),
-            );
-        }
-        for i in 0..layers {
-            for part in ["key", "value"] {
-                for (outlets, name) in [
-                    (session.inputs(), format!("past_key_values.{i}.{part}")),
-                    (session.outputs(), format!("present.{i}.{part}")),
-                ] {
-                    let ty = outlet(outlets, &name)?;
-                    if ty != cache {
-                        return unsupported(format!(
-                            "the decoder's '{name}' is {ty:?} but 'past_key_values.0.key' is \
-                             {cache:?}: the cache must have one type"
-                        ));
-                    }
-                }
-            }
-        }
+        let logits = float_type(session.outputs(), "output", "logits")?;
         Ok(DecoderBinding {
             layers,
             heads,

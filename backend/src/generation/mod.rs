@@ -101,6 +101,8 @@ impl GenerationRequest {
 pub struct Generator {
     tokenizer: Tokenizer,
     eos_id: i64,
+    /// The largest id the tokenizer gives: the load probes the model with it.
+    highest_id: i64,
     /// Positions the model can attend to: prompt plus new tokens never exceed it.
     context_length: usize,
     defaults: GenerationParams,
@@ -134,6 +136,7 @@ impl Generator {
             ))
         })?;
         Ok(Generator {
+            highest_id: highest_id(&tokenizer),
             tokenizer,
             eos_id,
             context_length,
@@ -320,9 +323,8 @@ impl Generator {
                 "max_sequence_length (the context) is {length}; text generation needs at least 2"
             )));
         }
-        let highest = highest_id(&self.tokenizer);
-        self.probe_prompt(session, binding, vec![highest])
-            .map_err(|error| vocabulary_mismatch(&self.tokenizer, highest, error))?;
+        self.probe_prompt(session, binding, vec![self.highest_id])
+            .map_err(|error| vocabulary_mismatch(&self.tokenizer, self.highest_id, error))?;
         self.probe_prompt(session, binding, vec![self.eos_id; length - 1])
             .map_err(|error| {
                 BackendError::Config(format!(
